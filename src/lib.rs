@@ -1,0 +1,2 @@
+//! Floodgate: a transaction-pooling PostgreSQL proxy.
+pub mod pgcluster;
