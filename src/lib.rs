@@ -1,2 +1,43 @@
 //! Floodgate: a transaction-pooling PostgreSQL proxy.
+//!
+//! Data flows one way and back, one module per step:
+//! [`proxy`] accepts → [`client`] logs the client in ([`protocol::startup`], [`auth`]) and runs
+//! its transaction loop → [`pool`] checks a server out (cap, FIFO queue) → [`server`] is the
+//! upstream connection, logged in by [`auth::upstream`] → [`relay`] forwards bytes both ways,
+//! framed by [`protocol::frame`], until the transaction ends → the server goes back to the pool
+//! (or through [`reset`] first when its client left it dirty). [`params`] keeps each client's
+//! session parameters, [`cancel`] routes cancel requests, [`config`] is the TOML file.
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod params;
 pub mod pgcluster;
+pub mod pool;
+pub mod protocol;
+pub mod proxy;
+pub mod relay;
+pub mod reset;
+pub mod server;
+
+pub use error::Error;
+pub use proxy::Proxy;
+
+/// Resolves at SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,506 @@
+//! One client session: the startup handshake and login, then the transaction loop (wait for the
+//! client's next message, check a server out, relay until the transaction ends, give it back).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cancel::ClientCancel;
+use crate::config::{AuthType, PoolMode};
+use crate::params::{self, Params};
+use crate::pool::{CheckoutError, Server, ServerPool};
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::frame::{self, FrameError, ReadError};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::{self, StartupError, StartupPacket};
+use crate::proxy::Shared;
+use crate::relay::{Outcome, Relay};
+
+/// Largest message accepted before login completes (password, SASL).
+const MAX_LOGIN_MESSAGE: usize = 10 * 1024;
+
+/// Why a client is being turned away; each carries the SQLSTATE it is sent with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    #[error("{0}")]
+    AuthSetup(String),
+    #[error("database \"{0}\" does not exist")]
+    UnknownDatabase(String),
+    #[error("{0}")]
+    Checkout(#[from] CheckoutError),
+    #[error("{message}")]
+    Server { code: String, message: String },
+    #[error("client_login_timeout: login not completed in time")]
+    LoginTimeout,
+    #[error("floodgate is shutting down")]
+    Shutdown,
+    /// The client went away; nothing can be sent.
+    #[error("client disconnected")]
+    Gone,
+}
+
+impl ClientError {
+    pub fn sqlstate(&self) -> String {
+        match self {
+            ClientError::Protocol(_) | ClientError::LoginTimeout => {
+                sqlstate::PROTOCOL_VIOLATION.into()
+            }
+            ClientError::BadPassword(_) => sqlstate::INVALID_PASSWORD.into(),
+            ClientError::AuthSetup(_) => sqlstate::INVALID_AUTHORIZATION.into(),
+            ClientError::UnknownDatabase(_) => sqlstate::UNKNOWN_DATABASE.into(),
+            ClientError::Checkout(CheckoutError::WaitTimeout(_)) => {
+                sqlstate::TOO_MANY_CONNECTIONS.into()
+            }
+            ClientError::Checkout(CheckoutError::Upstream(e)) => e.sqlstate(),
+            ClientError::Checkout(CheckoutError::Closed) | ClientError::Shutdown => {
+                sqlstate::ADMIN_SHUTDOWN.into()
+            }
+            ClientError::Server { code, .. } => code.clone(),
+            ClientError::Gone => sqlstate::CONNECTION_FAILURE.into(),
+        }
+    }
+}
+
+impl From<StartupError> for ClientError {
+    fn from(e: StartupError) -> Self {
+        match e {
+            StartupError::Io(_) => ClientError::Gone,
+            e => ClientError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl From<ReadError> for ClientError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io(_) => ClientError::Gone,
+            ReadError::Frame(e) => ClientError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(_: std::io::Error) -> Self {
+        ClientError::Gone
+    }
+}
+
+/// Serves one accepted connection to the end.
+pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let timeout = shared.config.floodgate.client_login_timeout;
+    let login = async {
+        if timeout.is_zero() {
+            login(&mut stream, &shared).await
+        } else {
+            tokio::time::timeout(timeout, login(&mut stream, &shared))
+                .await
+                .unwrap_or(Err(ClientError::LoginTimeout))
+        }
+    };
+    let result = match login.await {
+        Ok(Some(session)) => session.run(&mut stream).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection closed with an error");
+        fatal(&mut stream, &e).await;
+    }
+}
+
+/// Sends a FATAL ErrorResponse for `e` (if the client can still hear it).
+async fn fatal(stream: &mut TcpStream, e: &ClientError) {
+    if matches!(e, ClientError::Gone) {
+        return;
+    }
+    let mut buf = BytesMut::new();
+    backend::error(&mut buf, Severity::Fatal, &e.sqlstate(), &e.to_string());
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A logged-in client.
+struct Session {
+    shared: Arc<Shared>,
+    pool: Arc<ServerPool>,
+    params: Params,
+    cancel: ClientCancel,
+    /// Bytes read from the client and not yet forwarded.
+    cbuf: BytesMut,
+    /// Bytes read from a server and not yet forwarded.
+    sbuf: BytesMut,
+}
+
+/// Startup packets until a StartupMessage, then authentication; `None` for a cancel request.
+async fn login(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+) -> Result<Option<Session>, ClientError> {
+    let (minor, startup_params) = loop {
+        match startup::read_startup(stream).await? {
+            None => return Err(ClientError::Gone),
+            Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await?;
+            }
+            Some(StartupPacket::Cancel { pid, secret }) => {
+                if let Some(target) = shared.cancels.target(pid, secret) {
+                    let _ = target.send().await;
+                }
+                return Ok(None);
+            }
+            Some(StartupPacket::Startup { minor, params }) => break (minor, params),
+        }
+    };
+    let mut user = None;
+    let mut database = None;
+    let mut client_params = Params::default();
+    let mut unsupported = Vec::new();
+    for (name, value) in &startup_params {
+        match name.as_str() {
+            "user" => user = Some(value.clone()),
+            "database" => database = Some(value.clone()),
+            n if n.starts_with("_pq_.") => unsupported.push(name.clone()),
+            n if params::tracked(n).is_some() => client_params.set(n, value),
+            n if shared
+                .config
+                .floodgate
+                .ignore_startup_parameters
+                .iter()
+                .any(|i| i == n) => {}
+            n => {
+                return Err(ClientError::Protocol(format!(
+                    "unsupported startup parameter: {n} (list it in ignore_startup_parameters to accept it)"
+                )));
+            }
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
+        ClientError::Protocol("no PostgreSQL user name specified in startup packet".into())
+    })?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    if minor > 0 || !unsupported.is_empty() {
+        let mut buf = BytesMut::new();
+        backend::negotiate_protocol_version(&mut buf, unsupported);
+        stream.write_all(&buf).await?;
+    }
+
+    authenticate(stream, shared, &user).await?;
+    let pool = shared
+        .pools
+        .get(&database, &user)
+        .ok_or_else(|| ClientError::UnknownDatabase(database.clone()))?;
+    let defaults = pool.defaults().await?;
+
+    // The client sees the server's parameters, with the values it asked for at startup.
+    let mut params = Params::default();
+    for (name, value) in defaults.iter() {
+        params.set(name, value);
+    }
+    for (name, value) in client_params.iter() {
+        params.set(name, value);
+    }
+    let cancel = shared.cancels.register();
+    let mut out = BytesMut::new();
+    backend::auth_ok(&mut out);
+    for (name, value) in defaults.iter() {
+        let value = params.get(name).unwrap_or(value);
+        backend::parameter_status(&mut out, name, value);
+    }
+    for (name, value) in client_params.iter() {
+        if !defaults.iter().any(|(n, _)| n == name) {
+            backend::parameter_status(&mut out, name, value);
+        }
+    }
+    backend::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    backend::ready_for_query(&mut out, b'I');
+    stream.write_all(&out).await?;
+    Ok(Some(Session {
+        shared: shared.clone(),
+        pool,
+        params,
+        cancel,
+        cbuf: BytesMut::with_capacity(16 * 1024),
+        sbuf: BytesMut::with_capacity(16 * 1024),
+    }))
+}
+
+/// Checks the client's password as `auth_type` says. Unknown users go through the same exchange
+/// and get the same answer as a wrong password.
+async fn authenticate(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    user: &str,
+) -> Result<(), ClientError> {
+    let secrets = shared.users.get(user);
+    let mut buf = BytesMut::new();
+    match shared.config.floodgate.auth_type {
+        AuthType::Trust => {
+            if secrets.is_none() {
+                return Err(ClientError::BadPassword(user.to_owned()));
+            }
+            Ok(())
+        }
+        AuthType::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            backend::auth_md5(&mut buf, salt);
+            stream.write_all(&buf).await?;
+            let answer = read_password_message(stream, &mut buf).await?;
+            let mut pos = 0;
+            let answer = frame::cstr(&answer, &mut pos).unwrap_or_default();
+            let expected = secrets
+                .and_then(|s| s.md5.as_deref())
+                .map(|stored| crate::auth::md5::expected_response(stored, salt));
+            match expected {
+                Some(e) if crate::auth::md5::constant_time_eq(e.as_bytes(), answer.as_bytes()) => {
+                    Ok(())
+                }
+                _ => Err(ClientError::BadPassword(user.to_owned())),
+            }
+        }
+        AuthType::ScramSha256 => {
+            use crate::auth::scram::{Exchange, Verifier};
+            let verifier = secrets.and_then(|s| s.scram.clone());
+            let known = verifier.is_some();
+            backend::auth_sasl(&mut buf, &["SCRAM-SHA-256"]);
+            stream.write_all(&buf).await?;
+            let initial = read_password_message(stream, &mut buf).await?;
+            let client_first = parse_sasl_initial(&initial)?;
+            let (exchange, server_first) =
+                Exchange::start(verifier.unwrap_or_else(Verifier::impostor), client_first)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            buf.clear();
+            backend::auth_sasl_continue(&mut buf, server_first.as_bytes());
+            stream.write_all(&buf).await?;
+            let client_final = read_password_message(stream, &mut buf).await?;
+            match exchange.finish(&client_final) {
+                Ok(server_final) if known => {
+                    buf.clear();
+                    backend::auth_sasl_final(&mut buf, server_final.as_bytes());
+                    stream.write_all(&buf).await?;
+                    Ok(())
+                }
+                Ok(_) | Err(crate::auth::scram::ScramError::BadProof) => {
+                    Err(ClientError::BadPassword(user.to_owned()))
+                }
+                Err(e) => Err(ClientError::Protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Reads a PasswordMessage ('p': password, SASLInitialResponse or SASLResponse) body.
+async fn read_password_message(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, ClientError> {
+    match frame::read_message(stream, buf, MAX_LOGIN_MESSAGE).await? {
+        Some(b'p') => Ok(buf.split()),
+        Some(tag) => Err(ClientError::Protocol(format!(
+            "expected a password message, got message type '{}'",
+            tag as char
+        ))),
+        None => Err(ClientError::Gone),
+    }
+}
+
+/// SASLInitialResponse: mechanism name, then the length-prefixed client-first message.
+fn parse_sasl_initial(body: &[u8]) -> Result<&[u8], ClientError> {
+    let bad = || ClientError::Protocol("malformed SASLInitialResponse".into());
+    let mut pos = 0;
+    let mechanism = frame::cstr(body, &mut pos).ok_or_else(bad)?;
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(ClientError::Protocol(format!(
+            "client selected an invalid SASL authentication mechanism: {mechanism}"
+        )));
+    }
+    let len = body.get(pos..pos + 4).ok_or_else(bad)?;
+    let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+    let data = body.get(pos + 4..).ok_or_else(bad)?;
+    if len < 0 || len as usize != data.len() {
+        return Err(bad());
+    }
+    Ok(data)
+}
+
+/// What the client did while it held no server.
+enum Idle {
+    /// A complete message header is buffered.
+    Message,
+    Gone,
+}
+
+impl Session {
+    /// The transaction loop, until the client leaves.
+    async fn run(mut self, stream: &mut TcpStream) -> Result<(), ClientError> {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        loop {
+            let idle = tokio::select! {
+                idle = self.wait_for_message(stream) => idle?,
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                    return Err(ClientError::Shutdown);
+                }
+            };
+            if let Idle::Gone = idle {
+                return Ok(());
+            }
+            let Some(server) = self.checkout(stream).await? else {
+                return Ok(());
+            };
+            if !self.transaction(stream, server).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until a whole message header is buffered. Terminate or end of stream: `Gone`.
+    async fn wait_for_message(&mut self, stream: &mut TcpStream) -> Result<Idle, ClientError> {
+        loop {
+            match frame::header(&self.cbuf, self.shared.config.floodgate.max_packet_size) {
+                Ok(Some((b'X', _))) => return Ok(Idle::Gone),
+                Ok(Some(_)) => return Ok(Idle::Message),
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            self.cbuf.reserve(16 * 1024);
+            if stream.read_buf(&mut self.cbuf).await? == 0 {
+                return Ok(Idle::Gone);
+            }
+        }
+    }
+
+    /// Waits in the pool's queue; notices a client that leaves meanwhile (`None`).
+    async fn checkout(&mut self, stream: &mut TcpStream) -> Result<Option<Server>, ClientError> {
+        let checkout = self.pool.checkout();
+        tokio::pin!(checkout);
+        loop {
+            if self.cbuf.len() > 1 << 20 {
+                return Ok(Some(checkout.await?));
+            }
+            self.cbuf.reserve(16 * 1024);
+            tokio::select! {
+                server = &mut checkout => return Ok(Some(server?)),
+                read = stream.read_buf(&mut self.cbuf) => {
+                    if read.unwrap_or(0) == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attachment to `server`: a transaction (or, in session mode, the whole session).
+    /// `Ok(true)` when the client goes on.
+    async fn transaction(
+        &mut self,
+        stream: &mut TcpStream,
+        mut server: Server,
+    ) -> Result<bool, ClientError> {
+        if let Err(e) = server.apply_params(&mut self.params).await {
+            let (code, message) = match &e {
+                crate::server::ApplyError::Rejected { code, message } => {
+                    (code.clone(), message.clone())
+                }
+                crate::server::ApplyError::Upstream(u) => (u.sqlstate(), u.to_string()),
+            };
+            drop(deadpool::managed::Object::take(server));
+            return Err(ClientError::Server { code, message });
+        }
+        let session_mode = self.pool.mode == PoolMode::Session;
+        self.cancel.set(Some(server.cancel));
+        let server_ref = &mut *server;
+        let outcome = Relay {
+            client: stream,
+            server: &mut server_ref.stream,
+            cbuf: &mut self.cbuf,
+            sbuf: &mut self.sbuf,
+            client_params: &mut self.params,
+            server_params: &mut server_ref.params,
+            release_when_idle: !session_mode,
+            max_packet_size: self.shared.config.floodgate.max_packet_size,
+        }
+        .run()
+        .await;
+        self.cancel.set(None);
+        match outcome {
+            Outcome::Released => {
+                server.dirty = false;
+                Ok(true)
+            }
+            Outcome::ClientGone {
+                state,
+                unsent,
+                mid_message,
+            } => {
+                self.abandon(server, state, unsent, mid_message);
+                Ok(false)
+            }
+            Outcome::ClientViolation {
+                state,
+                unsent,
+                reason,
+            } => {
+                self.abandon(server, state, unsent, false);
+                Err(ClientError::Protocol(reason))
+            }
+            Outcome::ServerLost { state, reason } => {
+                tracing::warn!(pool = %self.pool.name, %reason, "server connection lost");
+                drop(deadpool::managed::Object::take(server));
+                self.sbuf.clear();
+                if state.server_fatal {
+                    Err(ClientError::Gone)
+                } else {
+                    Err(ClientError::Server {
+                        code: sqlstate::CONNECTION_FAILURE.into(),
+                        message: format!(
+                            "server connection lost ({reason}); the transaction did not complete"
+                        ),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Hands a server the client no longer uses to a task that makes it clean (or closes it).
+    fn abandon(
+        &mut self,
+        server: Server,
+        state: crate::relay::TxState,
+        unsent: usize,
+        mid_message: bool,
+    ) {
+        let session_mode = self.pool.mode == PoolMode::Session;
+        if mid_message {
+            drop(deadpool::managed::Object::take(server));
+            return;
+        }
+        let mut server = server;
+        if state.is_idle() && !state.copy_in && unsent == 0 && !session_mode {
+            server.dirty = false;
+            return;
+        }
+        let unsent = self.cbuf.split_to(unsent.min(self.cbuf.len())).freeze();
+        let reset_query =
+            session_mode.then(|| self.shared.config.floodgate.server_reset_query.clone());
+        tokio::spawn(crate::reset::reset_and_return(
+            server,
+            state,
+            unsent,
+            reset_query,
+        ));
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}

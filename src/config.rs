@@ -1,0 +1,306 @@
+//! The TOML configuration: schema, defaults and validation.
+//!
+//! Keys PgBouncer also has keep PgBouncer's names and meanings. Unknown keys are rejected (serde's
+//! `deny_unknown_fields`) so a typo never silently falls back to a default; the TOML parser
+//! reports the offending key and its line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Global settings (`[floodgate]`).
+    #[serde(default)]
+    pub floodgate: General,
+    /// The Prometheus endpoint (`[metrics]`); accepted now, served by a later version.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+    /// Users clients may log in as (`[[users]]`).
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// Databases clients may ask for, by the name they ask for (`[databases.NAME]`).
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+/// When a server connection goes back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// At the end of every transaction (`ReadyForQuery 'I'` with nothing in flight).
+    Transaction,
+    /// When the client disconnects; the server is reset with `server_reset_query` first.
+    Session,
+}
+
+/// `[floodgate]`: global settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct General {
+    pub listen: SocketAddr,
+    pub admin_users: Vec<String>,
+    pub auth_type: AuthType,
+    pub max_client_conn: usize,
+    pub pool_mode: PoolMode,
+    pub default_pool_size: usize,
+    /// Largest message a client may send, in bytes (the 5-byte header is checked before reading).
+    pub max_packet_size: usize,
+    #[serde(deserialize_with = "duration")]
+    pub query_wait_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub client_login_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub server_connect_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub server_idle_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub server_lifetime: Duration,
+    /// How long SIGTERM waits for transactions in flight before closing them.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Run before a server is reused in session mode.
+    pub server_reset_query: String,
+    /// Startup parameters accepted from clients but not applied (PgBouncer's name).
+    pub ignore_startup_parameters: Vec<String>,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        General {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            admin_users: Vec::new(),
+            auth_type: AuthType::ScramSha256,
+            max_client_conn: 10_000,
+            pool_mode: PoolMode::Transaction,
+            default_pool_size: 20,
+            max_packet_size: 1_073_741_823,
+            query_wait_timeout: Duration::from_secs(120),
+            client_login_timeout: Duration::from_secs(60),
+            server_connect_timeout: Duration::from_secs(15),
+            server_idle_timeout: Duration::from_secs(600),
+            server_lifetime: Duration::from_secs(3600),
+            shutdown_timeout: Duration::from_secs(30),
+            server_reset_query: "DISCARD ALL".into(),
+            ignore_startup_parameters: vec!["extra_float_digits".into()],
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub listen: SocketAddr,
+}
+
+/// `[[users]]`: one user clients may log in as.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Plain text, an md5 hash (`md5` + 32 hex digits) or a SCRAM secret (`SCRAM-SHA-256$...`).
+    pub password: String,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[databases.NAME]`: where a database clients ask for really lives.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Upstream database name (default: the key).
+    pub dbname: Option<String>,
+    /// Upstream login (default: the client's user).
+    pub user: Option<String>,
+    /// Upstream password (default: the client user's).
+    pub password: Option<String>,
+    /// Overrides `default_pool_size`.
+    pub pool_size: Option<usize>,
+    /// Overrides the global `pool_mode`.
+    pub pool_mode: Option<PoolMode>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+/// Durations are strings with units ("250ms", "5s", "10m"); "0" and "0s" mean off.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); write a number with a unit, e.g. \"250ms\", \"5s\", \"10m\""
+        ))
+    })
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let g = &self.floodgate;
+        if g.default_pool_size == 0 {
+            return invalid("[floodgate] default_pool_size must be at least 1".into());
+        }
+        if g.max_client_conn == 0 {
+            return invalid("[floodgate] max_client_conn must be at least 1".into());
+        }
+        if g.max_packet_size < 1024 {
+            return invalid("[floodgate] max_packet_size must be at least 1024 bytes".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for user in &self.users {
+            if user.name.is_empty() {
+                return invalid("[[users]] name must not be empty".into());
+            }
+            if !seen.insert(user.name.as_str()) {
+                return invalid(format!("[[users]] name `{}` appears twice", user.name));
+            }
+        }
+        for (name, db) in &self.databases {
+            if db.pool_size == Some(0) {
+                return invalid(format!("[databases.{name}] pool_size must be at least 1"));
+            }
+            if db.host.is_empty() {
+                return invalid(format!("[databases.{name}] host must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured user called `name`.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// Pool size for database `name`.
+    pub fn pool_size(&self, db: &Database) -> usize {
+        db.pool_size.unwrap_or(self.floodgate.default_pool_size)
+    }
+
+    /// Pool mode for database `name`.
+    pub fn pool_mode(&self, db: &Database) -> PoolMode {
+        db.pool_mode.unwrap_or(self.floodgate.pool_mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("[floodgate]\nlisten = \"127.0.0.1:1\"\npool_sise = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pool_sise"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_format() {
+        let err = Config::from_toml_str("[floodgate]\nquery_wait_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("query_wait_timeout"), "{err}");
+        assert!(err.contains("5s"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_toml_str(
+            "[floodgate]\nquery_wait_timeout = \"250ms\"\n[databases.app]\nport = 5433\npool_size = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.floodgate.query_wait_timeout, Duration::from_millis(250));
+        assert_eq!(c.floodgate.default_pool_size, 20);
+        let db = &c.databases["app"];
+        assert_eq!((db.host.as_str(), db.port), ("127.0.0.1", 5433));
+        assert_eq!(c.pool_size(db), 3);
+        assert_eq!(c.pool_mode(db), PoolMode::Transaction);
+    }
+
+    #[test]
+    fn bad_enum_value_is_named() {
+        let err = Config::from_toml_str("[floodgate]\nauth_type = \"password\"\n").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("auth_type") && err.contains("scram-sha-256"),
+            "{err}"
+        );
+    }
+}

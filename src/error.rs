@@ -1,0 +1,61 @@
+//! Typed errors. Each knows who caused it, which decides the SQLSTATE a client is sent and
+//! whether a server connection can be kept.
+
+use crate::protocol::sqlstate;
+
+/// Errors from talking to PostgreSQL (the upstream server).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to upstream server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to upstream server {addr} after {secs:.1}s")]
+    ConnectTimeout { addr: String, secs: f64 },
+    #[error("upstream server {addr} refused the login: {message}")]
+    Refused {
+        addr: String,
+        code: String,
+        message: String,
+    },
+    #[error("upstream server {addr} asks for {method} authentication, which the proxy cannot do")]
+    UnsupportedAuth { addr: String, method: &'static str },
+    #[error(
+        "no plain-text password to log in upstream as `{user}`: set `password` in [databases.{db}] \
+         or store the user's password in plain text (md5 and SCRAM hashes cannot answer SCRAM)"
+    )]
+    NoPassword { user: String, db: String },
+    #[error("upstream server {addr} broke the protocol: {detail}")]
+    Protocol { addr: String, detail: String },
+    #[error("upstream connection lost: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl UpstreamError {
+    /// The SQLSTATE a client waiting for this server is sent.
+    pub fn sqlstate(&self) -> String {
+        match self {
+            // Passed through when it tells the client something true about the database
+            // (unknown database, too many connections, starting up); a rejected password is the
+            // proxy's configuration problem, not the client's.
+            UpstreamError::Refused { code, .. } if !code.starts_with("28") => code.clone(),
+            UpstreamError::Refused { .. } => "08004".into(),
+            _ => sqlstate::CONNECTION_FAILURE.into(),
+        }
+    }
+}
+
+/// Errors of the proxy as a whole (start-up, listening).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

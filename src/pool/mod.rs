@@ -1,0 +1,191 @@
+//! Server pools, one per (database, user): a hard cap, a FIFO queue, and servers handed out for
+//! one transaction (or one session) at a time.
+
+pub mod manager;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool::managed::{Pool, PoolError, QueueMode, Timeouts};
+
+use crate::auth::UserStore;
+use crate::auth::upstream::Login;
+use crate::config::{Config, PoolMode};
+use crate::error::UpstreamError;
+pub use manager::{Manager, ServerDefaults};
+
+/// A checked-out server; dropping it returns the server to its pool.
+pub type Server = deadpool::managed::Object<Manager>;
+
+/// Why no server could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no server connection became free within query_wait_timeout ({0:?}); the pool is busy")]
+    WaitTimeout(Duration),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("the pool is closed: floodgate is shutting down")]
+    Closed,
+}
+
+/// One (database, user) pool.
+pub struct ServerPool {
+    pub name: String,
+    pub mode: PoolMode,
+    pub size: usize,
+    pool: Pool<Manager>,
+    wait_timeout: Duration,
+}
+
+impl ServerPool {
+    /// Waits (first come, first served) for a server, opening one if below the cap.
+    pub async fn checkout(&self) -> Result<Server, CheckoutError> {
+        let timeouts = Timeouts {
+            wait: (!self.wait_timeout.is_zero()).then_some(self.wait_timeout),
+            create: None, // the manager bounds each connect by server_connect_timeout
+            recycle: None,
+        };
+        let mut server = self
+            .pool
+            .timeout_get(&timeouts)
+            .await
+            .map_err(|e| match e {
+                PoolError::Timeout(_) => CheckoutError::WaitTimeout(self.wait_timeout),
+                PoolError::Backend(e) => CheckoutError::Upstream(e),
+                _ => CheckoutError::Closed,
+            })?;
+        server.dirty = true;
+        Ok(server)
+    }
+
+    /// Parameters to show a logging-in client; logs in one server first if none has yet.
+    pub async fn defaults(&self) -> Result<ServerDefaults, CheckoutError> {
+        if let Some(d) = self.cached_defaults() {
+            return Ok(d);
+        }
+        let mut server = self.checkout().await?;
+        server.dirty = false;
+        drop(server);
+        self.cached_defaults().ok_or(CheckoutError::Closed)
+    }
+
+    fn cached_defaults(&self) -> Option<ServerDefaults> {
+        self.pool.manager().defaults.lock().ok()?.clone()
+    }
+
+    /// Server connections open now (idle or in use).
+    pub fn open_servers(&self) -> usize {
+        self.pool.status().size
+    }
+
+    /// Closes idle servers past `server_idle_timeout` or `server_lifetime`.
+    fn evict_idle(&self, idle_timeout: Duration, lifetime: Duration) {
+        self.pool.retain(|server, metrics| {
+            let idle_ok = idle_timeout.is_zero() || metrics.last_used() < idle_timeout;
+            let age_ok = lifetime.is_zero() || server.created.elapsed() < lifetime;
+            idle_ok && age_ok && server.is_usable()
+        });
+    }
+
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// Every pool, created on first use.
+pub struct Pools {
+    config: Arc<Config>,
+    users: Arc<UserStore>,
+    pools: Mutex<HashMap<(String, String), Arc<ServerPool>>>,
+}
+
+impl Pools {
+    pub fn new(config: Arc<Config>, users: Arc<UserStore>) -> Pools {
+        Pools {
+            config,
+            users,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for database `db` (the name clients ask for) and client user `user`; `None` when
+    /// no such database is configured.
+    pub fn get(&self, db: &str, user: &str) -> Option<Arc<ServerPool>> {
+        let dbconf = self.config.databases.get(db)?;
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (db.to_owned(), user.to_owned());
+        if let Some(pool) = pools.get(&key) {
+            return Some(pool.clone());
+        }
+        let g = &self.config.floodgate;
+        let upstream_user = dbconf.user.clone().unwrap_or_else(|| user.to_owned());
+        let password = dbconf.password.clone().or_else(|| {
+            let secrets = self.users.get(user)?;
+            secrets.plain.clone().or_else(|| secrets.md5.clone())
+        });
+        let manager = Manager {
+            login: Login {
+                addr: format!("{}:{}", dbconf.host, dbconf.port),
+                user: upstream_user,
+                dbname: dbconf.dbname.clone().unwrap_or_else(|| db.to_owned()),
+                password,
+                db_key: db.to_owned(),
+            },
+            connect_timeout: g.server_connect_timeout,
+            lifetime: g.server_lifetime,
+            defaults: Mutex::new(None),
+        };
+        let size = self.config.pool_size(dbconf);
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .queue_mode(QueueMode::Lifo)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .ok()?;
+        let pool = Arc::new(ServerPool {
+            name: format!("{db}/{user}"),
+            mode: self.config.pool_mode(dbconf),
+            size,
+            pool,
+            wait_timeout: g.query_wait_timeout,
+        });
+        spawn_janitor(
+            Arc::downgrade(&pool),
+            g.server_idle_timeout,
+            g.server_lifetime,
+        );
+        pools.insert(key, pool.clone());
+        Some(pool)
+    }
+
+    /// Closes every pool (shutdown).
+    pub fn close_all(&self) {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        for pool in pools.values() {
+            pool.close();
+        }
+    }
+}
+
+/// Evicts idle and expired servers every few seconds, until the pool is gone.
+fn spawn_janitor(pool: std::sync::Weak<ServerPool>, idle: Duration, lifetime: Duration) {
+    let period = [idle, lifetime]
+        .into_iter()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
+        .min()
+        .unwrap_or(Duration::from_secs(10))
+        .clamp(Duration::from_millis(100), Duration::from_secs(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            if pool.pool.is_closed() {
+                return;
+            }
+            pool.evict_idle(idle, lifetime);
+        }
+    });
+}

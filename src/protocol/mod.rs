@@ -1,0 +1,6 @@
+//! The PostgreSQL v3 wire protocol: only what the proxy must read or write.
+
+pub mod backend;
+pub mod frame;
+pub mod sqlstate;
+pub mod startup;

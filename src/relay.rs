@@ -1,0 +1,346 @@
+//! The hot path: bytes relayed both ways between a client and the server it holds, framed by
+//! header only. It reads whole only the few messages it acts on (ReadyForQuery, ParameterStatus,
+//! ErrorResponse, Terminate) and forwards everything else as it arrives, without copying or
+//! decoding rows. It decides when a transaction is over: every Sync/Query answered, the last
+//! `ReadyForQuery` idle, nothing half sent either way.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::params::Params;
+use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
+
+/// Bytes read per socket read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest server message the relay holds whole (ErrorResponse, ParameterStatus).
+const MAX_HELD_SERVER_MESSAGE: usize = 1 << 20;
+
+/// Where a transaction stands, from the messages seen both ways.
+#[derive(Debug, Clone, Copy)]
+pub struct TxState {
+    /// Sync, Query and FunctionCall messages sent and not yet answered by ReadyForQuery.
+    pub pending: usize,
+    /// Status byte of the last ReadyForQuery: `I`dle, in `T`ransaction, `E`rror in transaction.
+    pub status: u8,
+    /// Extended-protocol messages sent since the last Sync (their results are not settled).
+    pub unsynced: bool,
+    /// The server waits for COPY data.
+    pub copy_in: bool,
+    /// The server sent a FATAL error (it is closing; the client has already been told why).
+    pub server_fatal: bool,
+}
+
+impl TxState {
+    pub fn new() -> TxState {
+        TxState {
+            pending: 0,
+            status: b'I',
+            unsynced: false,
+            copy_in: false,
+            server_fatal: false,
+        }
+    }
+
+    /// Nothing in flight and no transaction open.
+    pub fn is_idle(&self) -> bool {
+        self.pending == 0 && self.status == b'I' && !self.unsynced
+    }
+}
+
+impl Default for TxState {
+    fn default() -> Self {
+        TxState::new()
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Transaction mode: the transaction is over and the server can serve someone else.
+    Released,
+    /// The client sent Terminate or went away. `unsent` bytes of complete messages it sent are
+    /// still in its buffer; `mid_message` means the server got part of a message.
+    ClientGone {
+        state: TxState,
+        unsent: usize,
+        mid_message: bool,
+    },
+    /// The server connection failed or the server closed it.
+    ServerLost { state: TxState, reason: String },
+    /// The client sent something that is not a frontend message stream.
+    ClientViolation {
+        state: TxState,
+        unsent: usize,
+        reason: String,
+    },
+}
+
+/// One attachment of a client to a server.
+pub struct Relay<'a> {
+    pub client: &'a mut TcpStream,
+    pub server: &'a mut TcpStream,
+    /// Bytes from the client; `[..c_ready]` are scanned and go to the server next.
+    pub cbuf: &'a mut BytesMut,
+    /// Bytes from the server; `[..s_ready]` are scanned and go to the client next.
+    pub sbuf: &'a mut BytesMut,
+    pub client_params: &'a mut Params,
+    pub server_params: &'a mut Params,
+    /// Transaction mode: return at the end of each transaction.
+    pub release_when_idle: bool,
+    pub max_packet_size: usize,
+}
+
+enum Event {
+    ToServer(std::io::Result<usize>),
+    FromClient(std::io::Result<usize>),
+    ToClient(std::io::Result<usize>),
+    FromServer(std::io::Result<usize>),
+}
+
+impl Relay<'_> {
+    pub async fn run(self) -> Outcome {
+        let Relay {
+            client,
+            server,
+            cbuf,
+            sbuf,
+            client_params,
+            server_params,
+            release_when_idle,
+            max_packet_size,
+        } = self;
+        let mut state = TxState::new();
+        let mut c_scan = Scanner::new(max_packet_size);
+        let mut s_scan = Scanner::new(usize::MAX >> 1);
+        let (mut c_ready, mut s_ready) = (0usize, 0usize);
+        let mut client_left = false;
+
+        // The client's first message(s) are already buffered.
+        if let Err(reason) = scan_client(
+            cbuf,
+            &mut c_ready,
+            &mut c_scan,
+            &mut state,
+            &mut client_left,
+        ) {
+            return Outcome::ClientViolation {
+                state,
+                unsent: c_ready,
+                reason,
+            };
+        }
+        loop {
+            if client_left {
+                return Outcome::ClientGone {
+                    state,
+                    unsent: c_ready,
+                    mid_message: !c_scan.at_boundary(),
+                };
+            }
+            if release_when_idle
+                && state.is_idle()
+                && c_ready == 0
+                && c_scan.at_boundary()
+                && sbuf.is_empty()
+                && s_scan.at_boundary()
+            {
+                return Outcome::Released;
+            }
+            let event = {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let c2s = async {
+                    if c_ready > 0 {
+                        Event::ToServer(sw.write(&cbuf[..c_ready]).await)
+                    } else {
+                        cbuf.reserve(READ_CHUNK);
+                        Event::FromClient(cr.read_buf(cbuf).await)
+                    }
+                };
+                let s2c = async {
+                    if s_ready > 0 {
+                        Event::ToClient(cw.write(&sbuf[..s_ready]).await)
+                    } else {
+                        sbuf.reserve(READ_CHUNK);
+                        Event::FromServer(sr.read_buf(sbuf).await)
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    e = s2c => e,
+                    e = c2s => e,
+                }
+            };
+            match event {
+                Event::ToServer(Ok(n)) if n > 0 => {
+                    cbuf.advance(n);
+                    c_ready -= n;
+                }
+                Event::ToServer(r) => {
+                    return Outcome::ServerLost {
+                        state,
+                        reason: io_reason(r, "writing to the server"),
+                    };
+                }
+                Event::FromClient(Ok(n)) if n > 0 => {
+                    if let Err(reason) = scan_client(
+                        cbuf,
+                        &mut c_ready,
+                        &mut c_scan,
+                        &mut state,
+                        &mut client_left,
+                    ) {
+                        return Outcome::ClientViolation {
+                            state,
+                            unsent: c_ready,
+                            reason,
+                        };
+                    }
+                }
+                Event::FromClient(_) => client_left = true,
+                Event::ToClient(Ok(n)) if n > 0 => {
+                    sbuf.advance(n);
+                    s_ready -= n;
+                }
+                Event::ToClient(_) => client_left = true,
+                Event::FromServer(Ok(n)) if n > 0 => {
+                    if let Err(e) = scan_server(
+                        sbuf,
+                        &mut s_ready,
+                        &mut s_scan,
+                        &mut state,
+                        client_params,
+                        server_params,
+                    ) {
+                        return Outcome::ServerLost {
+                            state,
+                            reason: e.to_string(),
+                        };
+                    }
+                }
+                Event::FromServer(r) => {
+                    // Whatever the server said before closing (its FATAL) still reaches the client.
+                    let _ = client.write_all(&sbuf[..s_ready]).await;
+                    return Outcome::ServerLost {
+                        state,
+                        reason: io_reason(r, "reading from the server"),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn io_reason(r: std::io::Result<usize>, doing: &str) -> String {
+    match r {
+        Ok(_) => format!("connection closed while {doing}"),
+        Err(e) => format!("{e} while {doing}"),
+    }
+}
+
+/// Scans newly read client bytes: counts what the server will answer and stops at Terminate.
+fn scan_client(
+    cbuf: &mut BytesMut,
+    ready: &mut usize,
+    scanner: &mut Scanner,
+    state: &mut TxState,
+    client_left: &mut bool,
+) -> Result<(), String> {
+    loop {
+        match scanner
+            .next(cbuf, *ready, |tag| tag == b'X')
+            .map_err(|e| e.to_string())?
+        {
+            Item::End => return Ok(()),
+            Item::Body { to } => *ready = to,
+            Item::Message { tag, start, end } => {
+                match tag {
+                    b'X' => {
+                        cbuf.truncate(start);
+                        *client_left = true;
+                        return Ok(());
+                    }
+                    b'Q' | b'F' => state.pending += 1,
+                    b'S' => {
+                        state.pending += 1;
+                        state.unsynced = false;
+                    }
+                    b'P' | b'B' | b'D' | b'C' | b'E' => state.unsynced = true,
+                    b'H' | b'd' | b'c' | b'f' => {}
+                    other => {
+                        return Err(format!("invalid frontend message type '{}'", other as char));
+                    }
+                }
+                *ready = end;
+            }
+        }
+    }
+}
+
+/// Scans newly read server bytes: transaction status, parameter changes, fatal errors.
+fn scan_server(
+    sbuf: &mut BytesMut,
+    ready: &mut usize,
+    scanner: &mut Scanner,
+    state: &mut TxState,
+    client_params: &mut Params,
+    server_params: &mut Params,
+) -> Result<(), FrameError> {
+    let held = |tag| matches!(tag, b'Z' | b'S' | b'E');
+    loop {
+        match scanner.next(sbuf, *ready, held)? {
+            Item::End => {
+                if sbuf.len() - *ready > MAX_HELD_SERVER_MESSAGE {
+                    let tag = sbuf[*ready] as char;
+                    return Err(FrameError::TooLong {
+                        tag,
+                        len: sbuf.len(),
+                        max: MAX_HELD_SERVER_MESSAGE,
+                    });
+                }
+                return Ok(());
+            }
+            Item::Body { to } => *ready = to,
+            Item::Message { tag, start, end } => {
+                let body = &sbuf[start + HEADER_LEN..end];
+                match tag {
+                    b'Z' => {
+                        state.pending = state.pending.saturating_sub(1);
+                        state.status = body.first().copied().unwrap_or(b'I');
+                        state.copy_in = false;
+                    }
+                    b'S' => {
+                        let mut pos = 0;
+                        if let (Some(name), Some(value)) = (
+                            crate::protocol::frame::cstr(body, &mut pos),
+                            crate::protocol::frame::cstr(body, &mut pos),
+                        ) {
+                            server_params.set(name, value);
+                            client_params.set(name, value);
+                        }
+                    }
+                    b'E' => state.server_fatal |= is_fatal(body),
+                    b'G' => state.copy_in = true,
+                    _ => {}
+                }
+                *ready = end;
+            }
+        }
+    }
+}
+
+/// True when an ErrorResponse body has severity FATAL or PANIC.
+pub fn is_fatal(body: &[u8]) -> bool {
+    let mut pos = 0;
+    while let Some(&field) = body.get(pos) {
+        pos += 1;
+        let Some(value) = crate::protocol::frame::cstr(body, &mut pos) else {
+            return false;
+        };
+        if field == b'V' || field == b'S' {
+            return value == "FATAL" || value == "PANIC";
+        }
+    }
+    false
+}

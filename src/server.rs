@@ -1,0 +1,183 @@
+//! One upstream server connection: its socket, what it has been told, and the key to cancel
+//! what it runs.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::upstream::{self, Login};
+use crate::error::UpstreamError;
+use crate::params::Params;
+
+/// Where and how to cancel what a server connection is running.
+#[derive(Debug, Clone, Copy)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+impl CancelTarget {
+    /// Sends a CancelRequest on a new connection, as PostgreSQL requires.
+    pub async fn send(self) -> std::io::Result<()> {
+        let mut buf = BytesMut::with_capacity(16);
+        frontend::cancel_request(self.pid, self.secret, &mut buf);
+        let mut stream =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr)).await??;
+        stream.write_all(&buf).await?;
+        // PostgreSQL closes the connection once it has the request; wait for that so the cancel
+        // has been read before we return.
+        let mut sink = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+        Ok(())
+    }
+}
+
+/// A logged-in server connection.
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// The session parameters this server has now (tracked names only).
+    pub params: Params,
+    pub cancel: CancelTarget,
+    pub created: Instant,
+    /// Set while a client holds it; a server returned to the pool still dirty (its client's task
+    /// ended abruptly) is closed at the next checkout instead of reused.
+    pub dirty: bool,
+}
+
+impl ServerConn {
+    /// Connects and logs in; also returns every parameter the server reported at login.
+    pub async fn connect(
+        login: &Login,
+        timeout: Duration,
+    ) -> Result<(ServerConn, Vec<(String, String)>), UpstreamError> {
+        let attempt = async {
+            let mut stream =
+                TcpStream::connect(&login.addr)
+                    .await
+                    .map_err(|source| UpstreamError::Connect {
+                        addr: login.addr.clone(),
+                        source,
+                    })?;
+            stream.set_nodelay(true)?;
+            let done = upstream::login(&mut stream, login).await?;
+            let addr = stream.peer_addr()?;
+            Ok::<_, UpstreamError>((stream, done, addr))
+        };
+        let (stream, done, addr) = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    addr: login.addr.clone(),
+                    secs: timeout.as_secs_f64(),
+                });
+            }
+        };
+        let mut params = Params::default();
+        for (name, value) in &done.params {
+            params.set(name, value);
+        }
+        let server = ServerConn {
+            stream,
+            params,
+            cancel: CancelTarget {
+                addr,
+                pid: done.pid,
+                secret: done.secret,
+            },
+            created: Instant::now(),
+            dirty: false,
+        };
+        Ok((server, done.params))
+    }
+
+    /// False when an idle server has closed or sent something unasked (a FATAL before closing,
+    /// say): either way it cannot be used. Costs no round trip.
+    pub fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
+
+    /// Makes this server's session parameters match `wanted`, in one round trip, only for those
+    /// that differ. On success `wanted` takes the server's spelling of each value it set.
+    pub async fn apply_params(&mut self, wanted: &mut Params) -> Result<(), ApplyError> {
+        let sql = self.params.set_statements(wanted);
+        if sql.is_empty() {
+            return Ok(());
+        }
+        let mut result = self.simple_query(&sql).await;
+        if result.is_ok() {
+            wanted.adopt(&self.params);
+        } else if let Err(ApplyError::Rejected { message, .. }) = &mut result {
+            message.insert_str(0, "could not restore session parameters on a server: ");
+        }
+        result
+    }
+
+    /// Runs a simple query whose results nobody reads; records parameter changes.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), ApplyError> {
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf).map_err(UpstreamError::Io)?;
+        self.stream
+            .write_all(&buf)
+            .await
+            .map_err(UpstreamError::Io)?;
+        buf.clear();
+        let mut rejected = None;
+        loop {
+            let msg = match Message::parse(&mut buf).map_err(UpstreamError::Io)? {
+                Some(m) => m,
+                None => {
+                    if self
+                        .stream
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(UpstreamError::Io)?
+                        == 0
+                    {
+                        return Err(ApplyError::Upstream(UpstreamError::Io(
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        )));
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Message::ParameterStatus(body) => {
+                    if let (Ok(name), Ok(value)) = (body.name(), body.value()) {
+                        self.params.set(name, value);
+                    }
+                }
+                Message::ErrorResponse(body) => rejected = Some(crate::params::error_fields(&body)),
+                Message::ReadyForQuery(body) => {
+                    return match rejected {
+                        Some((code, message)) => Err(ApplyError::Rejected { code, message }),
+                        None if body.status() == b'I' => Ok(()),
+                        None => Err(ApplyError::Rejected {
+                            code: "XX000".into(),
+                            message: "server left in a transaction by a reset query".into(),
+                        }),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A query the proxy itself sent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{message}")]
+    Rejected { code: String, message: String },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
