@@ -304,3 +304,13 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let text = include_str!("../config/floodgate.toml");
+        let config = super::Config::from_toml_str(text).expect("config/floodgate.toml parses");
+        assert_eq!(config.databases["app"].port, 5432);
+    }
+}
