@@ -180,9 +180,9 @@ impl PgCluster {
              max_connections = {}\nfsync = off\n",
             opts.max_connections
         );
-        opts.extra_conf
-            .iter()
-            .for_each(|line| ours.push_str(&format!("{line}\n")));
+        for line in &opts.extra_conf {
+            ours.push_str(&format!("{line}\n"));
+        }
         let mut attempt = 1;
         loop {
             cluster.port = free_port()?;
@@ -190,8 +190,13 @@ impl PgCluster {
             fs::write(data.join("floodgate.conf"), text).map_err(io("writing floodgate.conf"))?;
             match cluster.pg_ctl_start() {
                 Ok(()) => return Ok(cluster),
-                Err(e) if attempt >= START_ATTEMPTS => return Err(e),
-                Err(_) => attempt += 1,
+                // Another process took the port between our probe and the server's bind.
+                Err(ClusterError::StartFailed { log_tail, .. })
+                    if attempt < START_ATTEMPTS && log_tail.contains("already in use") =>
+                {
+                    attempt += 1
+                }
+                Err(e) => return Err(e),
             }
         }
     }

@@ -62,12 +62,10 @@ pub async fn read_startup<R: AsyncRead + Unpin>(
 
 /// Parses the body of a startup packet (after the length).
 pub fn parse(body: &[u8]) -> Result<StartupPacket, StartupError> {
-    let code = u32::from_be_bytes(
-        body[..4]
-            .try_into()
-            .map_err(|_| StartupError::BadLength(0))?,
-    );
-    let rest = &body[4..];
+    let (code, rest) = body
+        .split_at_checked(4)
+        .ok_or(StartupError::BadLength(body.len() as u32 + 4))?;
+    let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
     match code {
         SSL_REQUEST => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST => Ok(StartupPacket::GssEncRequest),

@@ -1,0 +1,220 @@
+//! Faults around the proxy: the upstream restarts or is down, and the proxy itself shuts down
+//! with a transaction in flight.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use floodgate::pgcluster::{HbaAuth, PgCluster};
+
+async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    within(what, tokio::task::spawn_blocking(f)).await.unwrap()
+}
+
+async fn stop(cluster: &std::sync::Arc<PgCluster>) {
+    let c = cluster.clone();
+    blocking("pg_ctl stop", move || c.stop())
+        .await
+        .expect("stop PostgreSQL");
+}
+
+async fn restart(cluster: &std::sync::Arc<PgCluster>) {
+    let c = cluster.clone();
+    blocking("pg_ctl start", move || c.restart())
+        .await
+        .expect("restart PostgreSQL");
+}
+
+/// Runs `SELECT 1` on `client` until it succeeds: at most `allowed_failures` failures, with a
+/// short pause between attempts. Returns the failures seen.
+async fn select_until_ok(client: &Conn, allowed_failures: usize) -> Vec<String> {
+    let mut failures = Vec::new();
+    loop {
+        match within("SELECT 1", client.simple_query("SELECT 1")).await {
+            Ok(m) => {
+                assert_eq!(first_value(&m).as_deref(), Some("1"));
+                return failures;
+            }
+            Err(e) => failures.push(describe(&e)),
+        }
+        assert!(
+            failures.len() <= allowed_failures,
+            "more than {allowed_failures} failed queries after the upstream came back: {failures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_restart_is_survived() {
+    let opts = ProxyOpts {
+        pool_size: 2,
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    let c = env.connect().await;
+    let pid_before = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+
+    stop(&env.cluster).await;
+    restart(&env.cluster).await;
+
+    // The pooled servers died with the old postmaster: one failed query is tolerated.
+    let failures = select_until_ok(&c, 1).await;
+    eprintln!("failures right after the restart: {failures:?}");
+    let pid_after = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(
+        pid_before, pid_after,
+        "a server from before the restart is still in use"
+    );
+    for _ in 0..10 {
+        assert_eq!(scalar(&c, "SELECT 'again'").await, "again");
+    }
+    let fresh = env.connect().await;
+    assert_eq!(scalar(&fresh, "SELECT 'fresh'").await, "fresh");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_gives_errors_not_hangs() {
+    let opts = ProxyOpts {
+        extra: vec![
+            "server_connect_timeout = \"5s\"".into(),
+            "query_wait_timeout = \"10s\"".into(),
+        ],
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    let c = env.connect().await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+
+    stop(&env.cluster).await;
+    // An established client: its next query fails (within TIMEOUT, or `within` panics).
+    for attempt in 0..3 {
+        let result = within("query while PostgreSQL is down", c.simple_query("SELECT 1")).await;
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("attempt {attempt}: query succeeded with PG down"));
+        eprintln!("established client, attempt {attempt}: {}", describe(&err));
+        if c.is_closed() {
+            break;
+        }
+    }
+    // A new client: refused at login, or its first query fails.
+    match env.try_connect("app", Some("secret"), "app").await {
+        Err(e) => eprintln!("new client refused at login: {}", describe(&e)),
+        Ok(fresh) => {
+            let result = within(
+                "new client's query while PG is down",
+                fresh.simple_query("SELECT 1"),
+            )
+            .await;
+            match result {
+                Ok(_) => panic!("a new client's query succeeded with PG down"),
+                Err(e) => eprintln!("new client's query: {}", describe(&e)),
+            }
+        }
+    }
+
+    restart(&env.cluster).await;
+    // Back up: a new client works within a bounded number of attempts.
+    let fresh = env.connect().await;
+    select_until_ok(&fresh, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_a_transaction_in_flight_finish() {
+    // Trust upstream: the test holds a lock on a direct superuser connection.
+    let opts = ProxyOpts {
+        pool_size: 2,
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::Trust, opts).await;
+    env.sql(
+        "app",
+        "CREATE TABLE shut (id int); ALTER TABLE shut OWNER TO app",
+    )
+    .await;
+    let upstream = client_config(
+        format!("{}:{}", env.cluster.host(), env.cluster.port())
+            .parse()
+            .unwrap(),
+        "postgres",
+        None,
+        "app",
+    );
+    let holder = within("direct connection", connect(&upstream))
+        .await
+        .unwrap();
+    within("lock", holder.batch_execute("SELECT pg_advisory_lock(42)"))
+        .await
+        .unwrap();
+
+    let Env { cluster, proxy } = env;
+    let addr = proxy.local_addr();
+    let c = connect(&client_config(addr, "app", Some("secret"), "app"))
+        .await
+        .unwrap();
+    within(
+        "begin",
+        c.batch_execute("BEGIN; INSERT INTO shut VALUES (1)"),
+    )
+    .await
+    .unwrap();
+    // In flight: this statement waits for the lock the test holds.
+    let in_flight = c.simple_query("SELECT pg_advisory_lock(42), 'got it'");
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = 'app'";
+    let mut shutdown_task = None;
+    let orchestrate = async {
+        wait_until("the statement waits for the lock", || async {
+            cluster_sql(&cluster, "postgres", waiting).await == "1"
+        })
+        .await;
+        let shutdown = tokio::spawn(async move { proxy.shutdown().await });
+        // Shutdown has begun once new clients are turned away (refused or sent an error)...
+        let config = client_config(addr, "app", Some("secret"), "app");
+        wait_until("new clients are turned away", || async {
+            match connect(&config).await {
+                Err(_) => true,
+                Ok(late) => late.simple_query("SELECT 1").await.is_err(),
+            }
+        })
+        .await;
+        // ...but the transaction in flight goes on: release the lock.
+        within(
+            "unlock",
+            holder.batch_execute("SELECT pg_advisory_unlock(42)"),
+        )
+        .await
+        .unwrap();
+        shutdown_task = Some(shutdown);
+    };
+    let (result, ()) = tokio::join!(within("in-flight statement", in_flight), orchestrate);
+    let shutdown = shutdown_task.expect("shutdown was started");
+    let result = result.expect("the statement in flight failed during shutdown");
+    let got = result.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(1).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(got.as_deref(), Some("got it"));
+    within(
+        "commit",
+        c.batch_execute("INSERT INTO shut VALUES (2); COMMIT"),
+    )
+    .await
+    .expect("COMMIT during shutdown");
+    drop(c);
+    within("shutdown completes", shutdown)
+        .await
+        .expect("shutdown task");
+    assert_eq!(
+        cluster_sql(
+            &cluster,
+            "app",
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM shut"
+        )
+        .await,
+        "1,2"
+    );
+}
