@@ -22,7 +22,10 @@ pub fn is_md5_hash(s: &str) -> bool {
 
 /// What a client that knows the password answers to `salt`, given the stored hash.
 pub fn expected_response(stored: &str, salt: [u8; 4]) -> String {
-    format!("md5{}", hex_md5(&[stored.as_bytes().get(3..).unwrap_or_default(), &salt]))
+    format!(
+        "md5{}",
+        hex_md5(&[stored.as_bytes().get(3..).unwrap_or_default(), &salt])
+    )
 }
 
 /// Compares without an early exit, so timing does not reveal how much matched.
