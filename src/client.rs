@@ -16,7 +16,7 @@ use crate::protocol::frame::{self, FrameError, ReadError};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::proxy::Shared;
-use crate::relay::{Outcome, Relay};
+use crate::relay::{Abandoned, Outcome, Relay};
 
 /// Largest message accepted before login completes (password, SASL).
 const MAX_LOGIN_MESSAGE: usize = 10 * 1024;
@@ -342,12 +342,15 @@ impl Session {
     /// The transaction loop, until the client leaves.
     async fn run(mut self, stream: &mut TcpStream) -> Result<(), ClientError> {
         let mut shutdown = self.shared.shutdown.subscribe();
+        // One future for the whole session, not one registration per transaction.
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stop);
         loop {
             let idle = tokio::select! {
                 idle = self.wait_for_message(stream) => idle?,
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                    return Err(ClientError::Shutdown);
-                }
+                _ = &mut stop => return Err(ClientError::Shutdown),
             };
             if let Idle::Gone = idle {
                 return Ok(());
@@ -366,7 +369,15 @@ impl Session {
         loop {
             match frame::header(&self.cbuf, self.shared.config.floodgate.max_packet_size) {
                 Ok(Some((b'X', _))) => return Ok(Idle::Gone),
-                Ok(Some(_)) => return Ok(Idle::Message),
+                Ok(Some((tag, _))) if crate::relay::is_frontend_message(tag) => {
+                    return Ok(Idle::Message);
+                }
+                Ok(Some((tag, _))) => {
+                    return Err(ClientError::Protocol(format!(
+                        "invalid frontend message type '{}'",
+                        tag as char
+                    )));
+                }
                 Ok(None) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
@@ -435,20 +446,12 @@ impl Session {
                 server.dirty = false;
                 Ok(true)
             }
-            Outcome::ClientGone {
-                state,
-                unsent,
-                mid_message,
-            } => {
-                self.abandon(server, state, unsent, mid_message);
+            Outcome::ClientGone(left) => {
+                self.abandon(server, left);
                 Ok(false)
             }
-            Outcome::ClientViolation {
-                state,
-                unsent,
-                reason,
-            } => {
-                self.abandon(server, state, unsent, false);
+            Outcome::ClientViolation(left, reason) => {
+                self.abandon(server, left);
                 Err(ClientError::Protocol(reason))
             }
             Outcome::ServerLost { state, reason } => {
@@ -470,32 +473,41 @@ impl Session {
     }
 
     /// Hands a server the client no longer uses to a task that makes it clean (or closes it).
-    fn abandon(
-        &mut self,
-        server: Server,
-        state: crate::relay::TxState,
-        unsent: usize,
-        mid_message: bool,
-    ) {
+    fn abandon(&mut self, mut server: Server, left: Abandoned) {
         let session_mode = self.pool.mode == PoolMode::Session;
-        if mid_message {
-            drop(deadpool::managed::Object::take(server));
+        if left.client_mid_message {
+            // The server waits for the rest of a message that will never come.
+            tokio::spawn(crate::reset::close(server, left.state, true));
             return;
         }
-        let mut server = server;
-        if state.is_idle() && !state.copy_in && unsent == 0 && !session_mode {
+        let server_output_done =
+            left.server_scanner.at_boundary() && self.sbuf.len() == left.server_scanned;
+        if left.state.is_idle()
+            && !left.state.copy_in
+            && left.unsent == 0
+            && server_output_done
+            && !session_mode
+        {
             server.dirty = false;
             return;
         }
-        let unsent = self.cbuf.split_to(unsent.min(self.cbuf.len())).freeze();
+        let unsent = self
+            .cbuf
+            .split_to(left.unsent.min(self.cbuf.len()))
+            .freeze();
+        let server_output = self
+            .sbuf
+            .split_off(left.server_scanned.min(self.sbuf.len()));
         let reset_query =
             session_mode.then(|| self.shared.config.floodgate.server_reset_query.clone());
-        tokio::spawn(crate::reset::reset_and_return(
-            server,
-            state,
+        let job = crate::reset::Reset {
+            state: left.state,
             unsent,
+            server_output,
+            server_scanner: left.server_scanner,
             reset_query,
-        ));
+        };
+        tokio::spawn(job.run(server));
     }
 }
 

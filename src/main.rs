@@ -46,11 +46,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
-        .and_then(|rt| rt.block_on(dispatch(cli)));
+    let result = load_for(&cli).and_then(|config| {
+        let workers = config.as_ref().map_or(1, Config::worker_threads);
+        runtime(workers)?.block_on(dispatch(cli, config))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -60,22 +59,47 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(load(cli.config)?).await,
-        Command::Check => check(&load(cli.config)?),
-        Command::Demo { listen } => floodgate::demo::run(listen).await,
-        Command::Version => {
-            println!("floodgate {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+/// The configuration, for the commands that need one.
+fn load_for(cli: &Cli) -> anyhow::Result<Option<Config>> {
+    match cli.command {
+        None | Some(Command::Run) | Some(Command::Check) => {
+            let path = cli
+                .config
+                .as_ref()
+                .context("no configuration file: pass --config FILE (see config/floodgate.toml)")?;
+            Ok(Some(Config::load(path)?))
         }
+        _ => Ok(None),
     }
 }
 
-fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
-    let path =
-        path.context("no configuration file: pass --config FILE (see config/floodgate.toml)")?;
-    Ok(Config::load(&path)?)
+/// One thread: a current-thread runtime, with no cross-thread wake-ups. More: a work-stealing
+/// runtime with that many workers.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
+    match (cli.command.unwrap_or(Command::Run), config) {
+        (Command::Run, Some(config)) => run(config).await,
+        (Command::Check, Some(config)) => check(&config),
+        (Command::Demo { listen }, _) => floodgate::demo::run(listen).await,
+        (Command::Version, _) => {
+            println!("floodgate {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        (_, None) => anyhow::bail!("no configuration loaded"),
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -59,21 +59,32 @@ impl Default for TxState {
 pub enum Outcome {
     /// Transaction mode: the transaction is over and the server can serve someone else.
     Released,
-    /// The client sent Terminate or went away. `unsent` bytes of complete messages it sent are
-    /// still in its buffer; `mid_message` means the server got part of a message.
-    ClientGone {
-        state: TxState,
-        unsent: usize,
-        mid_message: bool,
-    },
+    /// The client sent Terminate or went away.
+    ClientGone(Abandoned),
+    /// The client sent something that is not a frontend message stream.
+    ClientViolation(Abandoned, String),
     /// The server connection failed or the server closed it.
     ServerLost { state: TxState, reason: String },
-    /// The client sent something that is not a frontend message stream.
-    ClientViolation {
-        state: TxState,
-        unsent: usize,
-        reason: String,
-    },
+}
+
+/// Where both streams stood when a client stopped using its server mid-way, so the server can be
+/// brought back to a clean state (or closed).
+#[derive(Debug)]
+pub struct Abandoned {
+    pub state: TxState,
+    /// `cbuf[..unsent]`: client bytes scanned but not yet written to the server.
+    pub unsent: usize,
+    /// The server has part of a client message and waits for the rest: it cannot be saved.
+    pub client_mid_message: bool,
+    /// `sbuf[..server_scanned]` was scanned (never to reach the client); the rest is unscanned.
+    pub server_scanned: usize,
+    /// Where the server's output stands after `server_scanned`.
+    pub server_scanner: Scanner,
+}
+
+/// Message types a client may send after login.
+pub fn is_frontend_message(tag: u8) -> bool {
+    b"BCdcfDEHFPQSX".contains(&tag)
 }
 
 /// One attachment of a client to a server.
@@ -124,19 +135,12 @@ impl Relay<'_> {
             &mut state,
             &mut client_left,
         ) {
-            return Outcome::ClientViolation {
-                state,
-                unsent: c_ready,
-                reason,
-            };
+            let left = abandoned(state, c_ready, &c_scan, s_ready, s_scan);
+            return Outcome::ClientViolation(left, reason);
         }
         loop {
             if client_left {
-                return Outcome::ClientGone {
-                    state,
-                    unsent: c_ready,
-                    mid_message: !c_scan.at_boundary(),
-                };
+                return Outcome::ClientGone(abandoned(state, c_ready, &c_scan, s_ready, s_scan));
             }
             if release_when_idle
                 && state.is_idle()
@@ -191,11 +195,8 @@ impl Relay<'_> {
                         &mut state,
                         &mut client_left,
                     ) {
-                        return Outcome::ClientViolation {
-                            state,
-                            unsent: c_ready,
-                            reason,
-                        };
+                        let left = abandoned(state, c_ready, &c_scan, s_ready, s_scan);
+                        return Outcome::ClientViolation(left, reason);
                     }
                 }
                 Event::FromClient(_) => client_left = true,
@@ -229,6 +230,22 @@ impl Relay<'_> {
                 }
             }
         }
+    }
+}
+
+fn abandoned(
+    state: TxState,
+    unsent: usize,
+    c_scan: &Scanner,
+    server_scanned: usize,
+    server_scanner: Scanner,
+) -> Abandoned {
+    Abandoned {
+        state,
+        unsent,
+        client_mid_message: !c_scan.at_boundary(),
+        server_scanned,
+        server_scanner,
     }
 }
 

@@ -5,86 +5,123 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::pool::Server;
-use crate::protocol::frame::{Item, Scanner};
+use crate::protocol::frame::{HEADER_LEN, Item, Scanner};
 use crate::relay::TxState;
 
 /// How long a server may take to become idle again before it is closed.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Completes what the client sent, cancels what runs, rolls back, runs `reset_query` if given,
-/// and returns the server to its pool; closes it when any step fails.
-pub async fn reset_and_return(
-    mut server: Server,
-    state: TxState,
-    unsent: bytes::Bytes,
-    reset_query: Option<String>,
-) {
-    let result = tokio::time::timeout(
-        RESET_TIMEOUT,
-        reset(&mut server, state, &unsent, reset_query),
-    )
-    .await;
-    match result {
-        Ok(Ok(())) => server.dirty = false,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "closing a server that could not be reset");
-            drop(deadpool::managed::Object::take(server));
+/// What is needed to bring a server back from where its client left it.
+pub struct Reset {
+    pub state: TxState,
+    /// Complete client messages that had not reached the server yet; they are sent, so the
+    /// server ends in the state the client asked for before it is rolled back.
+    pub unsent: Bytes,
+    /// Server output read but not yet scanned, and where the stream stands.
+    pub server_output: BytesMut,
+    pub server_scanner: Scanner,
+    /// `server_reset_query`, in session mode.
+    pub reset_query: Option<String>,
+}
+
+impl Reset {
+    /// Completes what the client sent, cancels what runs, rolls back, runs the reset query, and
+    /// returns the server to its pool; closes it when any step fails or takes too long.
+    pub async fn run(self, mut server: Server) {
+        let state = self.state;
+        match tokio::time::timeout(RESET_TIMEOUT, self.reset(&mut server)).await {
+            Ok(Ok(())) => server.dirty = false,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "closing a server that could not be reset");
+                close(server, state, false).await;
+            }
+            Err(_) => {
+                tracing::debug!("closing a server that did not become idle in time");
+                close(server, state, false).await;
+            }
         }
-        Err(_) => {
-            tracing::debug!("closing a server that did not become idle in time");
-            drop(deadpool::managed::Object::take(server));
+    }
+
+    async fn reset(self, server: &mut Server) -> Result<(), String> {
+        let Reset {
+            mut state,
+            unsent,
+            mut server_output,
+            mut server_scanner,
+            reset_query,
+        } = self;
+        let err = |e: std::io::Error| e.to_string();
+        let mut out = BytesMut::from(&unsent[..]);
+        if state.copy_in {
+            frontend::copy_fail("client disconnected", &mut out).map_err(err)?;
         }
+        if state.unsynced {
+            // A Sync would commit what the batch did; PostgreSQL itself rolls an unsynced batch
+            // back when its client leaves, and so does closing the connection.
+            return Err("the client left an extended-query batch without Sync".into());
+        }
+        if state.pending > 0 {
+            // Stop whatever runs instead of waiting for it. The cancel has been delivered when
+            // `send` returns, so it cannot hit the ROLLBACK below.
+            let _ = server.cancel.send().await;
+        }
+        server.stream.write_all(&out).await.map_err(err)?;
+        drain(server, &mut state, &mut server_output, &mut server_scanner).await?;
+        if state.status != b'I' {
+            server
+                .simple_query("ROLLBACK")
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(sql) = reset_query.filter(|q| !q.trim().is_empty()) {
+            server.simple_query(&sql).await.map_err(|e| e.to_string())?;
+            // What the reset did to the session parameters is not all reported: forget them,
+            // so the next client's are set again.
+            server.params = crate::params::Params::default();
+        }
+        Ok(())
     }
 }
 
-async fn reset(
-    server: &mut Server,
-    mut state: TxState,
-    unsent: &[u8],
-    reset_query: Option<String>,
-) -> Result<(), String> {
-    let err = |e: std::io::Error| e.to_string();
-    let mut out = BytesMut::from(unsent);
-    if state.copy_in {
-        postgres_protocol::message::frontend::copy_fail("client disconnected", &mut out)
-            .map_err(err)?;
-    }
-    if state.unsynced {
-        postgres_protocol::message::frontend::sync(&mut out);
-        state.pending += 1;
-    }
-    if state.pending > 0 {
-        // Stop whatever runs now instead of waiting for it; the cancel has been delivered when
-        // `send` returns, so it cannot hit the ROLLBACK below.
+/// Closes a server for good: cancels what may still run, says Terminate, and waits (briefly)
+/// for PostgreSQL to close its end, so the backend is gone before the pool counts the slot free.
+/// `mid_message`: the server has part of a client message, so a Terminate would be read as the
+/// rest of it; only the end of the stream is sent then.
+pub async fn close(server: Server, state: TxState, mid_message: bool) {
+    let mut server = deadpool::managed::Object::take(server);
+    if state.pending > 0 || state.unsynced {
         let _ = server.cancel.send().await;
     }
-    server.stream.write_all(&out).await.map_err(err)?;
-    drain(server, &mut state).await?;
-    if state.status != b'I' {
-        server
-            .simple_query("ROLLBACK")
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    if let Some(sql) = reset_query.filter(|q| !q.trim().is_empty()) {
-        server.simple_query(&sql).await.map_err(|e| e.to_string())?;
-        server.params = crate::params::Params::default();
-    }
-    Ok(())
+    let goodbye = async {
+        if !mid_message {
+            let mut out = BytesMut::new();
+            frontend::terminate(&mut out);
+            server.stream.write_all(&out).await?;
+        }
+        server.stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while server.stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), goodbye).await;
 }
 
 /// Reads and discards server output until every outstanding Sync/Query is answered.
-async fn drain(server: &mut Server, state: &mut TxState) -> Result<(), String> {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut scanner = Scanner::new(usize::MAX >> 1);
+async fn drain(
+    server: &mut Server,
+    state: &mut TxState,
+    buf: &mut BytesMut,
+    scanner: &mut Scanner,
+) -> Result<(), String> {
     let mut pos = 0;
     while state.pending > 0 {
         match scanner
-            .next(&buf, pos, |t| t == b'Z')
+            .next(buf, pos, |t| t == b'Z')
             .map_err(|e| e.to_string())?
         {
             Item::Body { to } => pos = to,
@@ -94,7 +131,7 @@ async fn drain(server: &mut Server, state: &mut TxState) -> Result<(), String> {
                 end,
             } => {
                 state.pending -= 1;
-                state.status = buf[start + 5];
+                state.status = buf[start + HEADER_LEN];
                 pos = end;
             }
             Item::Message { end, .. } => pos = end,
@@ -104,7 +141,7 @@ async fn drain(server: &mut Server, state: &mut TxState) -> Result<(), String> {
                 buf.reserve(16 * 1024);
                 if server
                     .stream
-                    .read_buf(&mut buf)
+                    .read_buf(buf)
                     .await
                     .map_err(|e| e.to_string())?
                     == 0
@@ -114,7 +151,7 @@ async fn drain(server: &mut Server, state: &mut TxState) -> Result<(), String> {
             }
         }
     }
-    if !buf[pos..].is_empty() {
+    if !scanner.at_boundary() || buf.len() > pos {
         return Err("server sent more than was asked".into());
     }
     Ok(())

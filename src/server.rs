@@ -124,6 +124,13 @@ impl ServerConn {
         }
         let mut result = self.simple_query(&sql).await;
         if result.is_ok() {
+            // A parameter this server never reports (search_path before PostgreSQL 18) keeps
+            // the value we just set; the reported ones came back in the server's spelling.
+            for (name, value) in wanted.iter() {
+                if self.params.get(name).is_none() {
+                    self.params.set(name, value);
+                }
+            }
             wanted.adopt(&self.params);
         } else if let Err(ApplyError::Rejected { message, .. }) = &mut result {
             message.insert_str(0, "could not restore session parameters on a server: ");

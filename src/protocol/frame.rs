@@ -56,7 +56,7 @@ pub enum Item {
 }
 
 /// Walks a message stream in place, across reads, without copying it.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Scanner {
     /// Body bytes of the current message not yet seen.
     body_left: usize,
