@@ -103,10 +103,32 @@ pub struct Relay<'a> {
 }
 
 enum Event {
+    /// The client's first message(s), already in its buffer when the server was attached.
+    Buffered,
     ToServer(std::io::Result<usize>),
     FromClient(std::io::Result<usize>),
     ToClient(std::io::Result<usize>),
     FromServer(std::io::Result<usize>),
+}
+
+/// How far one direction's buffer has been scanned: `buf[..ready]` goes out next.
+struct Flow {
+    ready: usize,
+    scanner: Scanner,
+}
+
+impl Flow {
+    fn new(max_len: usize) -> Flow {
+        Flow {
+            ready: 0,
+            scanner: Scanner::new(max_len),
+        }
+    }
+
+    /// Nothing scanned is waiting to go out and no message is half through.
+    fn sent_all(&self) -> bool {
+        self.ready == 0 && self.scanner.at_boundary()
+    }
 }
 
 impl Relay<'_> {
@@ -121,131 +143,91 @@ impl Relay<'_> {
             release_when_idle,
             max_packet_size,
         } = self;
-        let mut state = TxState::new();
-        let mut c_scan = Scanner::new(max_packet_size);
-        let mut s_scan = Scanner::new(usize::MAX >> 1);
-        let (mut c_ready, mut s_ready) = (0usize, 0usize);
+        let mut tx = TxState::new();
+        let mut up = Flow::new(max_packet_size);
+        let mut down = Flow::new(usize::MAX >> 1);
         let mut client_left = false;
-
-        // The client's first message(s) are already buffered.
-        if let Err(reason) = scan_client(
-            cbuf,
-            &mut c_ready,
-            &mut c_scan,
-            &mut state,
-            &mut client_left,
-        ) {
-            let left = abandoned(state, c_ready, &c_scan, s_ready, s_scan);
-            return Outcome::ClientViolation(left, reason);
-        }
+        let abandoned = |tx, up: &Flow, down: &Flow| Abandoned {
+            state: tx,
+            unsent: up.ready,
+            client_mid_message: !up.scanner.at_boundary(),
+            server_scanned: down.ready,
+            server_scanner: down.scanner,
+        };
+        let mut event = Event::Buffered;
         loop {
-            if client_left {
-                return Outcome::ClientGone(abandoned(state, c_ready, &c_scan, s_ready, s_scan));
-            }
-            if release_when_idle
-                && state.is_idle()
-                && c_ready == 0
-                && c_scan.at_boundary()
-                && sbuf.is_empty()
-                && s_scan.at_boundary()
-            {
-                return Outcome::Released;
-            }
-            let event = {
-                let (mut cr, mut cw) = client.split();
-                let (mut sr, mut sw) = server.split();
-                let c2s = async {
-                    if c_ready > 0 {
-                        Event::ToServer(sw.write(&cbuf[..c_ready]).await)
-                    } else {
-                        cbuf.reserve(READ_CHUNK);
-                        Event::FromClient(cr.read_buf(cbuf).await)
-                    }
-                };
-                let s2c = async {
-                    if s_ready > 0 {
-                        Event::ToClient(cw.write(&sbuf[..s_ready]).await)
-                    } else {
-                        sbuf.reserve(READ_CHUNK);
-                        Event::FromServer(sr.read_buf(sbuf).await)
-                    }
-                };
-                tokio::select! {
-                    biased;
-                    e = s2c => e,
-                    e = c2s => e,
-                }
-            };
             match event {
-                Event::ToServer(Ok(n)) if n > 0 => {
+                Event::Buffered | Event::FromClient(Ok(1..)) => {
+                    if let Err(reason) = scan_client(cbuf, &mut up, &mut tx, &mut client_left) {
+                        return Outcome::ClientViolation(abandoned(tx, &up, &down), reason);
+                    }
+                }
+                Event::FromClient(_) | Event::ToClient(Ok(0) | Err(_)) => client_left = true,
+                Event::ToServer(Ok(n @ 1..)) => {
                     cbuf.advance(n);
-                    c_ready -= n;
+                    up.ready -= n;
                 }
                 Event::ToServer(r) => {
-                    return Outcome::ServerLost {
-                        state,
-                        reason: io_reason(r, "writing to the server"),
-                    };
+                    let reason = io_reason(r, "writing to the server");
+                    return Outcome::ServerLost { state: tx, reason };
                 }
-                Event::FromClient(Ok(n)) if n > 0 => {
-                    if let Err(reason) = scan_client(
-                        cbuf,
-                        &mut c_ready,
-                        &mut c_scan,
-                        &mut state,
-                        &mut client_left,
-                    ) {
-                        let left = abandoned(state, c_ready, &c_scan, s_ready, s_scan);
-                        return Outcome::ClientViolation(left, reason);
-                    }
-                }
-                Event::FromClient(_) => client_left = true,
-                Event::ToClient(Ok(n)) if n > 0 => {
+                Event::ToClient(Ok(n)) => {
                     sbuf.advance(n);
-                    s_ready -= n;
+                    down.ready -= n;
                 }
-                Event::ToClient(_) => client_left = true,
-                Event::FromServer(Ok(n)) if n > 0 => {
-                    if let Err(e) = scan_server(
-                        sbuf,
-                        &mut s_ready,
-                        &mut s_scan,
-                        &mut state,
-                        client_params,
-                        server_params,
-                    ) {
+                Event::FromServer(Ok(1..)) => {
+                    let params = (&mut *client_params, &mut *server_params);
+                    if let Err(e) = scan_server(sbuf, &mut down, &mut tx, params) {
                         return Outcome::ServerLost {
-                            state,
+                            state: tx,
                             reason: e.to_string(),
                         };
                     }
                 }
                 Event::FromServer(r) => {
                     // Whatever the server said before closing (its FATAL) still reaches the client.
-                    let _ = client.write_all(&sbuf[..s_ready]).await;
-                    return Outcome::ServerLost {
-                        state,
-                        reason: io_reason(r, "reading from the server"),
-                    };
+                    let _ = client.write_all(&sbuf[..down.ready]).await;
+                    let reason = io_reason(r, "reading from the server");
+                    return Outcome::ServerLost { state: tx, reason };
                 }
             }
+            if client_left {
+                return Outcome::ClientGone(abandoned(tx, &up, &down));
+            }
+            if release_when_idle
+                && tx.is_idle()
+                && up.sent_all()
+                && down.sent_all()
+                && sbuf.is_empty()
+            {
+                return Outcome::Released;
+            }
+            // Both directions at once: a client that pipelines without reading its results
+            // cannot wedge the proxy between two full socket buffers.
+            let (mut cr, mut cw) = client.split();
+            let (mut sr, mut sw) = server.split();
+            let c2s = async {
+                if up.ready > 0 {
+                    Event::ToServer(sw.write(&cbuf[..up.ready]).await)
+                } else {
+                    cbuf.reserve(READ_CHUNK);
+                    Event::FromClient(cr.read_buf(cbuf).await)
+                }
+            };
+            let s2c = async {
+                if down.ready > 0 {
+                    Event::ToClient(cw.write(&sbuf[..down.ready]).await)
+                } else {
+                    sbuf.reserve(READ_CHUNK);
+                    Event::FromServer(sr.read_buf(sbuf).await)
+                }
+            };
+            event = tokio::select! {
+                biased;
+                e = s2c => e,
+                e = c2s => e,
+            };
         }
-    }
-}
-
-fn abandoned(
-    state: TxState,
-    unsent: usize,
-    c_scan: &Scanner,
-    server_scanned: usize,
-    server_scanner: Scanner,
-) -> Abandoned {
-    Abandoned {
-        state,
-        unsent,
-        client_mid_message: !c_scan.at_boundary(),
-        server_scanned,
-        server_scanner,
     }
 }
 
@@ -259,13 +241,14 @@ fn io_reason(r: std::io::Result<usize>, doing: &str) -> String {
 /// Scans newly read client bytes: counts what the server will answer and stops at Terminate.
 fn scan_client(
     cbuf: &mut BytesMut,
-    ready: &mut usize,
-    scanner: &mut Scanner,
+    up: &mut Flow,
     state: &mut TxState,
     client_left: &mut bool,
 ) -> Result<(), String> {
+    let ready = &mut up.ready;
     loop {
-        match scanner
+        match up
+            .scanner
             .next(cbuf, *ready, |tag| tag == b'X')
             .map_err(|e| e.to_string())?
         {
@@ -298,15 +281,14 @@ fn scan_client(
 /// Scans newly read server bytes: transaction status, parameter changes, fatal errors.
 fn scan_server(
     sbuf: &mut BytesMut,
-    ready: &mut usize,
-    scanner: &mut Scanner,
+    down: &mut Flow,
     state: &mut TxState,
-    client_params: &mut Params,
-    server_params: &mut Params,
+    (client_params, server_params): (&mut Params, &mut Params),
 ) -> Result<(), FrameError> {
     let held = |tag| matches!(tag, b'Z' | b'S' | b'E');
+    let ready = &mut down.ready;
     loop {
-        match scanner.next(sbuf, *ready, held)? {
+        match down.scanner.next(sbuf, *ready, held)? {
             Item::End => {
                 if sbuf.len() - *ready > MAX_HELD_SERVER_MESSAGE {
                     let tag = sbuf[*ready] as char;
