@@ -13,6 +13,7 @@ use crate::params::{self, Params};
 use crate::pool::{CheckoutError, Server, ServerPool};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frame::{self, FrameError, ReadError};
+use crate::protocol::prepared::{ClientStatements, Scratch, Tracker};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::proxy::Shared;
@@ -136,6 +137,9 @@ struct Session {
     cbuf: BytesMut,
     /// Bytes read from a server and not yet forwarded.
     sbuf: BytesMut,
+    /// This client's named prepared statements (transaction mode).
+    statements: ClientStatements,
+    scratch: Scratch,
 }
 
 /// Startup packets until a StartupMessage, then authentication; `None` for a cancel request.
@@ -230,6 +234,8 @@ async fn login(
         cancel,
         cbuf: BytesMut::with_capacity(16 * 1024),
         sbuf: BytesMut::with_capacity(16 * 1024),
+        statements: ClientStatements::default(),
+        scratch: Scratch::default(),
     }))
 }
 
@@ -355,6 +361,9 @@ impl Session {
             if let Idle::Gone = idle {
                 return Ok(());
             }
+            if self.prepared_without_server(stream).await? {
+                continue;
+            }
             let Some(server) = self.checkout(stream).await? else {
                 return Ok(());
             };
@@ -386,6 +395,31 @@ impl Session {
                 return Ok(Idle::Gone);
             }
         }
+    }
+
+    /// Answers a batch of Parse messages and a Sync without a server, when statements are
+    /// tracked; `true` when it did.
+    async fn prepared_without_server(
+        &mut self,
+        stream: &mut TcpStream,
+    ) -> Result<bool, ClientError> {
+        let g = &self.shared.config.floodgate;
+        if self.pool.mode != PoolMode::Transaction || g.max_prepared_statements == 0 {
+            return Ok(false);
+        }
+        let mut out = BytesMut::new();
+        let registry = &self.shared.statements;
+        let Some(used) = self.statements.prepare_without_server(
+            registry,
+            &self.cbuf,
+            g.max_packet_size,
+            &mut out,
+        ) else {
+            return Ok(false);
+        };
+        let _ = self.cbuf.split_to(used);
+        stream.write_all(&out).await?;
+        Ok(true)
     }
 
     /// Waits in the pool's queue; notices a client that leaves meanwhile (`None`).
@@ -428,6 +462,18 @@ impl Session {
         let session_mode = self.pool.mode == PoolMode::Session;
         self.cancel.set(Some(server.cancel));
         let server_ref = &mut *server;
+        // Session mode keeps the client on one server: its statements need no rewriting.
+        let max_statements = match session_mode {
+            true => 0,
+            false => self.shared.config.floodgate.max_prepared_statements,
+        };
+        let tracker = Some(Tracker::new(
+            &self.shared.statements,
+            &mut self.statements,
+            &mut server_ref.statements,
+            max_statements,
+            &mut self.scratch,
+        ));
         let outcome = Relay {
             client: stream,
             server: &mut server_ref.stream,
@@ -437,6 +483,7 @@ impl Session {
             server_params: &mut server_ref.params,
             release_when_idle: !session_mode,
             max_packet_size: self.shared.config.floodgate.max_packet_size,
+            tracker,
         }
         .run()
         .await;
@@ -483,6 +530,7 @@ impl Session {
         let server_output_done =
             left.server_scanner.at_boundary() && self.sbuf.len() == left.server_scanned;
         if left.state.is_idle()
+            && !left.statements_uncertain
             && !left.state.copy_in
             && left.unsent == 0
             && server_output_done
@@ -506,6 +554,7 @@ impl Session {
             server_output,
             server_scanner: left.server_scanner,
             reset_query,
+            forget_statements: left.statements_uncertain,
         };
         tokio::spawn(job.run(server));
     }

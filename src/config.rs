@@ -76,6 +76,9 @@ pub struct General {
     pub max_client_conn: usize,
     pub pool_mode: PoolMode,
     pub default_pool_size: usize,
+    /// Named prepared statements kept per server connection in transaction mode (LRU);
+    /// 0 turns tracking off (statements pass through as in session mode).
+    pub max_prepared_statements: usize,
     /// Largest message a client may send, in bytes (the 5-byte header is checked before reading).
     pub max_packet_size: usize,
     #[serde(deserialize_with = "duration")]
@@ -107,6 +110,7 @@ impl Default for General {
             max_client_conn: 10_000,
             pool_mode: PoolMode::Transaction,
             default_pool_size: 20,
+            max_prepared_statements: 200,
             max_packet_size: 1_073_741_823,
             query_wait_timeout: Duration::from_secs(120),
             client_login_timeout: Duration::from_secs(60),

@@ -24,6 +24,8 @@ pub struct Shared {
     pub users: Arc<UserStore>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
+    /// Named prepared statements, proxy-wide.
+    pub statements: crate::protocol::prepared::Registry,
     /// Flips to `true` once, when the proxy starts shutting down.
     pub shutdown: watch::Sender<bool>,
     /// Client connections open now.
@@ -55,6 +57,7 @@ impl Proxy {
             users,
             config,
             cancels: Arc::new(CancelRegistry::default()),
+            statements: Default::default(),
             shutdown: watch::Sender::new(false),
             clients: AtomicUsize::new(0),
         });

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
+use crate::protocol::prepared::{ClientAction, Tracker};
 
 /// Bytes read per socket read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -80,6 +81,15 @@ pub struct Abandoned {
     pub server_scanned: usize,
     /// Where the server's output stands after `server_scanned`.
     pub server_scanner: Scanner,
+    /// Named statements were in flight: which ones the server has is not known for sure.
+    pub statements_uncertain: bool,
+}
+
+impl Abandoned {
+    fn uncertain(mut self, tracker: &Option<Tracker>) -> Abandoned {
+        self.statements_uncertain = tracker.as_ref().is_some_and(|t| t.uncertain());
+        self
+    }
 }
 
 /// Message types a client may send after login.
@@ -100,6 +110,8 @@ pub struct Relay<'a> {
     /// Transaction mode: return at the end of each transaction.
     pub release_when_idle: bool,
     pub max_packet_size: usize,
+    /// Named prepared statements, when tracked (transaction mode).
+    pub tracker: Option<Tracker<'a>>,
 }
 
 enum Event {
@@ -142,6 +154,7 @@ impl Relay<'_> {
             server_params,
             release_when_idle,
             max_packet_size,
+            mut tracker,
         } = self;
         let mut tx = TxState::new();
         let mut up = Flow::new(max_packet_size);
@@ -153,13 +166,20 @@ impl Relay<'_> {
             client_mid_message: !up.scanner.at_boundary(),
             server_scanned: down.ready,
             server_scanner: down.scanner,
+            statements_uncertain: false,
         };
         let mut event = Event::Buffered;
         loop {
             match event {
                 Event::Buffered | Event::FromClient(Ok(1..)) => {
-                    if let Err(reason) = scan_client(cbuf, &mut up, &mut tx, &mut client_left) {
-                        return Outcome::ClientViolation(abandoned(tx, &up, &down), reason);
+                    let scanned =
+                        scan_client(cbuf, &mut up, &mut tx, &mut client_left, &mut tracker);
+                    if let Some(t) = tracker.as_mut() {
+                        emit_due(t, sbuf, &mut down, tx.status);
+                    }
+                    if let Err(reason) = scanned {
+                        let left = abandoned(tx, &up, &down);
+                        return Outcome::ClientViolation(left.uncertain(&tracker), reason);
                     }
                 }
                 Event::FromClient(_) | Event::ToClient(Ok(0) | Err(_)) => client_left = true,
@@ -177,7 +197,7 @@ impl Relay<'_> {
                 }
                 Event::FromServer(Ok(1..)) => {
                     let params = (&mut *client_params, &mut *server_params);
-                    if let Err(e) = scan_server(sbuf, &mut down, &mut tx, params) {
+                    if let Err(e) = scan_server(sbuf, &mut down, &mut tx, params, &mut tracker) {
                         return Outcome::ServerLost {
                             state: tx,
                             reason: e.to_string(),
@@ -238,44 +258,91 @@ fn io_reason(r: std::io::Result<usize>, doing: &str) -> String {
     }
 }
 
-/// Scans newly read client bytes: counts what the server will answer and stops at Terminate.
+/// Scans newly read client bytes: counts what the server will answer, lets the tracker rewrite
+/// named-statement messages, and stops at Terminate.
 fn scan_client(
     cbuf: &mut BytesMut,
     up: &mut Flow,
     state: &mut TxState,
     client_left: &mut bool,
+    tracker: &mut Option<Tracker>,
 ) -> Result<(), String> {
-    let ready = &mut up.ready;
     loop {
-        match up
+        let whole =
+            |tag, len| tag == b'X' || tracker.as_ref().is_some_and(|t| t.wants_whole(tag, len));
+        let item = up
             .scanner
-            .next(cbuf, *ready, |tag| tag == b'X')
-            .map_err(|e| e.to_string())?
-        {
+            .next(cbuf, up.ready, whole)
+            .map_err(|e| e.to_string())?;
+        let (tag, start, mut end) = match item {
             Item::End => return Ok(()),
-            Item::Body { to } => *ready = to,
-            Item::Message { tag, start, end } => {
-                match tag {
-                    b'X' => {
-                        cbuf.truncate(start);
-                        *client_left = true;
-                        return Ok(());
-                    }
-                    b'Q' | b'F' => state.pending += 1,
-                    b'S' => {
-                        state.pending += 1;
-                        state.unsynced = false;
-                    }
-                    b'P' | b'B' | b'D' | b'C' | b'E' => state.unsynced = true,
-                    b'H' | b'd' | b'c' | b'f' => {}
-                    other => {
-                        return Err(format!("invalid frontend message type '{}'", other as char));
-                    }
+            Item::Body { to } => {
+                up.ready = to;
+                continue;
+            }
+            Item::Message { tag, start, end } => (tag, start, end),
+        };
+        if tag == b'X' {
+            cbuf.truncate(start);
+            *client_left = true;
+            return Ok(());
+        }
+        if !is_frontend_message(tag) {
+            return Err(format!("invalid frontend message type '{}'", tag as char));
+        }
+        let mut unanswered = false;
+        if let Some(t) = tracker.as_mut() {
+            match t.on_client_message(tag, &cbuf[start..end], state.status) {
+                ClientAction::Forward => {}
+                ClientAction::Unanswered => unanswered = true,
+                ClientAction::Replace => {
+                    splice(cbuf, start, end, t.out);
+                    end = start + t.out.len();
+                    // Nothing sent for it: the proxy answers it itself.
+                    unanswered = t.out.is_empty();
                 }
-                *ready = end;
             }
         }
+        match tag {
+            b'Q' | b'F' | b'S' if unanswered => {}
+            b'Q' | b'F' => state.pending += 1,
+            b'S' => {
+                state.pending += 1;
+                state.unsynced = false;
+            }
+            b'P' | b'B' | b'D' | b'C' | b'E' => state.unsynced = true,
+            _ => {}
+        }
+        up.ready = end;
     }
+}
+
+/// Replaces `buf[start..end]` with `with`, in place.
+fn splice(buf: &mut BytesMut, start: usize, end: usize, with: &[u8]) {
+    let (old, new, len) = (end - start, with.len(), buf.len());
+    if new > old {
+        buf.resize(len + new - old, 0);
+        buf.copy_within(end..len, end + new - old);
+    } else if new < old {
+        buf.copy_within(end..len, start + new);
+        buf.truncate(len - (old - new));
+    }
+    buf[start..start + new].copy_from_slice(with);
+}
+
+/// Puts the responses the proxy owes (now due) into the client's stream, between messages.
+fn emit_due(tracker: &mut Tracker, sbuf: &mut BytesMut, down: &mut Flow, status: u8) {
+    if !down.scanner.at_boundary() {
+        return; // mid-message: they go out at the next boundary
+    }
+    let mut due = std::mem::take(tracker.out);
+    due.clear();
+    tracker.take_due(&mut due, status);
+    if !due.is_empty() {
+        splice(sbuf, down.ready, down.ready, &due);
+        down.ready += due.len();
+    }
+    *tracker.out = due;
 }
 
 /// Scans newly read server bytes: transaction status, parameter changes, fatal errors.
@@ -284,10 +351,14 @@ fn scan_server(
     down: &mut Flow,
     state: &mut TxState,
     (client_params, server_params): (&mut Params, &mut Params),
+    tracker: &mut Option<Tracker>,
 ) -> Result<(), FrameError> {
-    let held = |tag| matches!(tag, b'Z' | b'S' | b'E');
-    let ready = &mut down.ready;
+    let tracking = tracker.is_some();
+    let held = |tag, _| {
+        matches!(tag, b'Z' | b'S' | b'E') || (tracking && Tracker::wants_whole_from_server(tag))
+    };
     loop {
+        let ready = &mut down.ready;
         match down.scanner.next(sbuf, *ready, held)? {
             Item::End => {
                 if sbuf.len() - *ready > MAX_HELD_SERVER_MESSAGE {
@@ -302,6 +373,14 @@ fn scan_server(
             }
             Item::Body { to } => *ready = to,
             Item::Message { tag, start, end } => {
+                if let Some(t) = tracker.as_mut()
+                    && t.on_server_message(tag, &sbuf[start..end], &mut state.pending)
+                {
+                    // An answer to a message the proxy added: the client never asked.
+                    splice(sbuf, start, end, &[]);
+                    emit_due(t, sbuf, down, state.status);
+                    continue;
+                }
                 let body = &sbuf[start + HEADER_LEN..end];
                 match tag {
                     b'Z' => {
@@ -323,7 +402,10 @@ fn scan_server(
                     b'G' => state.copy_in = true,
                     _ => {}
                 }
-                *ready = end;
+                down.ready = end;
+                if let Some(t) = tracker.as_mut() {
+                    emit_due(t, sbuf, down, state.status);
+                }
             }
         }
     }

@@ -27,6 +27,8 @@ pub struct Reset {
     pub server_scanner: Scanner,
     /// `server_reset_query`, in session mode.
     pub reset_query: Option<String>,
+    /// Which named statements the server has is not known for sure: drop them all.
+    pub forget_statements: bool,
 }
 
 impl Reset {
@@ -54,6 +56,7 @@ impl Reset {
             mut server_output,
             mut server_scanner,
             reset_query,
+            forget_statements,
         } = self;
         let err = |e: std::io::Error| e.to_string();
         let mut out = BytesMut::from(&unsent[..]);
@@ -78,11 +81,19 @@ impl Reset {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        if forget_statements {
+            server
+                .simple_query("DEALLOCATE ALL")
+                .await
+                .map_err(|e| e.to_string())?;
+            server.statements.clear();
+        }
         if let Some(sql) = reset_query.filter(|q| !q.trim().is_empty()) {
             server.simple_query(&sql).await.map_err(|e| e.to_string())?;
             // What the reset did to the session parameters is not all reported: forget them,
             // so the next client's are set again.
             server.params = crate::params::Params::default();
+            server.statements.clear();
         }
         Ok(())
     }
@@ -121,7 +132,7 @@ async fn drain(
     let mut pos = 0;
     while state.pending > 0 {
         match scanner
-            .next(buf, pos, |t| t == b'Z')
+            .next(buf, pos, |t, _| t == b'Z')
             .map_err(|e| e.to_string())?
         {
             Item::Body { to } => pos = to,

@@ -45,6 +45,8 @@ pub struct ServerConn {
     pub params: Params,
     pub cancel: CancelTarget,
     pub created: Instant,
+    /// Named statements prepared on it by the proxy.
+    pub statements: crate::protocol::prepared::ServerStatements,
     /// Set while a client holds it; a server returned to the pool still dirty (its client's task
     /// ended abruptly) is closed at the next checkout instead of reused.
     pub dirty: bool,
@@ -91,6 +93,7 @@ impl ServerConn {
                 secret: done.secret,
             },
             created: Instant::now(),
+            statements: Default::default(),
             dirty: false,
         };
         Ok((server, done.params))

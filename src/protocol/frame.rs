@@ -77,13 +77,13 @@ impl Scanner {
         self.body_left == 0
     }
 
-    /// The next item in `buf[pos..]`. `whole(tag)` says which message types the caller must see in
-    /// one piece (they are held back until complete).
+    /// The next item in `buf[pos..]`. `whole(tag, body_len)` says which messages the caller must
+    /// see in one piece (they are held back until complete).
     pub fn next(
         &mut self,
         buf: &[u8],
         pos: usize,
-        whole: impl Fn(u8) -> bool,
+        whole: impl Fn(u8, usize) -> bool,
     ) -> Result<Item, FrameError> {
         let avail = buf.len().saturating_sub(pos);
         if self.body_left > 0 {
@@ -97,7 +97,7 @@ impl Scanner {
         let Some((tag, body)) = header(&buf[pos.min(buf.len())..], self.max_len)? else {
             return Ok(Item::End);
         };
-        if whole(tag) {
+        if whole(tag, body) {
             if avail < HEADER_LEN + body {
                 return Ok(Item::End);
             }
@@ -184,7 +184,7 @@ mod tests {
         let mut buf = msg(b'D', b"0123456789");
         buf.extend(msg(b'Z', b"I"));
         let mut s = Scanner::new(1000);
-        let whole = |t| t == b'Z';
+        let whole = |t, _| t == b'Z';
         // only part of the stream has arrived
         let part = &buf[..8];
         assert_eq!(

@@ -2,5 +2,6 @@
 
 pub mod backend;
 pub mod frame;
+pub mod prepared;
 pub mod sqlstate;
 pub mod startup;
