@@ -467,13 +467,13 @@ impl Session {
             true => 0,
             false => self.shared.config.floodgate.max_prepared_statements,
         };
-        let tracker = Some(Tracker::new(
+        let tracker = Tracker::new(
             &self.shared.statements,
             &mut self.statements,
             &mut server_ref.statements,
             max_statements,
             &mut self.scratch,
-        ));
+        );
         let outcome = Relay {
             client: stream,
             server: &mut server_ref.stream,

@@ -86,8 +86,8 @@ pub struct Abandoned {
 }
 
 impl Abandoned {
-    fn uncertain(mut self, tracker: &Option<Tracker>) -> Abandoned {
-        self.statements_uncertain = tracker.as_ref().is_some_and(|t| t.uncertain());
+    fn uncertain(mut self, tracker: &Tracker) -> Abandoned {
+        self.statements_uncertain = tracker.uncertain();
         self
     }
 }
@@ -111,7 +111,7 @@ pub struct Relay<'a> {
     pub release_when_idle: bool,
     pub max_packet_size: usize,
     /// Named prepared statements, when tracked (transaction mode).
-    pub tracker: Option<Tracker<'a>>,
+    pub tracker: Tracker<'a>,
 }
 
 enum Event {
@@ -174,9 +174,7 @@ impl Relay<'_> {
                 Event::Buffered | Event::FromClient(Ok(1..)) => {
                     let scanned =
                         scan_client(cbuf, &mut up, &mut tx, &mut client_left, &mut tracker);
-                    if let Some(t) = tracker.as_mut() {
-                        emit_due(t, sbuf, &mut down, tx.status);
-                    }
+                    emit_due(&mut tracker, sbuf, &mut down, tx.status);
                     if let Err(reason) = scanned {
                         let left = abandoned(tx, &up, &down);
                         return Outcome::ClientViolation(left.uncertain(&tracker), reason);
@@ -265,11 +263,10 @@ fn scan_client(
     up: &mut Flow,
     state: &mut TxState,
     client_left: &mut bool,
-    tracker: &mut Option<Tracker>,
+    tracker: &mut Tracker,
 ) -> Result<(), String> {
     loop {
-        let whole =
-            |tag, len| tag == b'X' || tracker.as_ref().is_some_and(|t| t.wants_whole(tag, len));
+        let whole = |tag, len| tag == b'X' || tracker.wants_whole(tag, len);
         let item = up
             .scanner
             .next(cbuf, up.ready, whole)
@@ -291,16 +288,14 @@ fn scan_client(
             return Err(format!("invalid frontend message type '{}'", tag as char));
         }
         let mut unanswered = false;
-        if let Some(t) = tracker.as_mut() {
-            match t.on_client_message(tag, &cbuf[start..end], state.status) {
-                ClientAction::Forward => {}
-                ClientAction::Unanswered => unanswered = true,
-                ClientAction::Replace => {
-                    splice(cbuf, start, end, t.out);
-                    end = start + t.out.len();
-                    // Nothing sent for it: the proxy answers it itself.
-                    unanswered = t.out.is_empty();
-                }
+        match tracker.on_client_message(tag, &cbuf[start..end], state.status) {
+            ClientAction::Forward => {}
+            ClientAction::Unanswered => unanswered = true,
+            ClientAction::Replace => {
+                splice(cbuf, start, end, tracker.out);
+                end = start + tracker.out.len();
+                // Nothing sent for it: the proxy answers it itself.
+                unanswered = tracker.out.is_empty();
             }
         }
         match tag {
@@ -351,12 +346,9 @@ fn scan_server(
     down: &mut Flow,
     state: &mut TxState,
     (client_params, server_params): (&mut Params, &mut Params),
-    tracker: &mut Option<Tracker>,
+    tracker: &mut Tracker,
 ) -> Result<(), FrameError> {
-    let tracking = tracker.is_some();
-    let held = |tag, _| {
-        matches!(tag, b'Z' | b'S' | b'E') || (tracking && Tracker::wants_whole_from_server(tag))
-    };
+    let held = |tag, _| matches!(tag, b'Z' | b'S' | b'E') || Tracker::wants_whole_from_server(tag);
     loop {
         let ready = &mut down.ready;
         match down.scanner.next(sbuf, *ready, held)? {
@@ -371,14 +363,16 @@ fn scan_server(
                 }
                 return Ok(());
             }
-            Item::Body { to } => *ready = to,
+            Item::Body { to } => {
+                *ready = to;
+                // A response the proxy owes may have been waiting for this message to end.
+                emit_due(tracker, sbuf, down, state.status);
+            }
             Item::Message { tag, start, end } => {
-                if let Some(t) = tracker.as_mut()
-                    && t.on_server_message(tag, &sbuf[start..end], &mut state.pending)
-                {
+                if tracker.on_server_message(tag, &sbuf[start..end], &mut state.pending) {
                     // An answer to a message the proxy added: the client never asked.
                     splice(sbuf, start, end, &[]);
-                    emit_due(t, sbuf, down, state.status);
+                    emit_due(tracker, sbuf, down, state.status);
                     continue;
                 }
                 let body = &sbuf[start + HEADER_LEN..end];
@@ -403,9 +397,7 @@ fn scan_server(
                     _ => {}
                 }
                 down.ready = end;
-                if let Some(t) = tracker.as_mut() {
-                    emit_due(t, sbuf, down, state.status);
-                }
+                emit_due(tracker, sbuf, down, state.status);
             }
         }
     }
