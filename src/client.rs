@@ -361,11 +361,15 @@ impl Session {
             if let Idle::Gone = idle {
                 return Ok(());
             }
-            if self.prepared_without_server(stream).await? {
-                continue;
-            }
-            let Some(server) = self.checkout(stream).await? else {
-                return Ok(());
+            // A free server if there is one now; otherwise a batch of Parse messages can be
+            // answered without one, and anything else waits in the queue.
+            let server = match self.pool.try_checkout().await? {
+                Some(server) => server,
+                None if self.prepared_without_server(stream).await? => continue,
+                None => match self.checkout(stream).await? {
+                    Some(server) => server,
+                    None => return Ok(()),
+                },
             };
             if !self.transaction(stream, server).await? {
                 return Ok(());
@@ -398,7 +402,8 @@ impl Session {
     }
 
     /// Answers a batch of Parse messages and a Sync without a server, when statements are
-    /// tracked; `true` when it did.
+    /// tracked; `true` when it did. Only used when every server is busy: with a server, the
+    /// statements are checked by PostgreSQL at once, as the client expects.
     async fn prepared_without_server(
         &mut self,
         stream: &mut TcpStream,

@@ -212,9 +212,12 @@ impl Relay<'_> {
             if client_left {
                 return Outcome::ClientGone(abandoned(tx, &up, &down));
             }
+            // Released between transactions, unless the client has begun its next message (a
+            // message held back until whole counts: it is not scanned yet).
             if release_when_idle
                 && tx.is_idle()
                 && up.sent_all()
+                && cbuf.len() < HEADER_LEN
                 && down.sent_all()
                 && sbuf.is_empty()
             {

@@ -172,3 +172,36 @@ async fn unknown_message_type_after_login_is_refused() {
     let fresh = env.connect_with(&env.config("app", None, "app")).await;
     assert_eq!(scalar(&fresh, "SELECT 'fresh ok'").await, "fresh ok");
 }
+
+/// Messages may arrive in pieces: each one is sent a byte at a time (with a short pause so the
+/// proxy sees every piece on its own). A message the proxy holds back until it is whole must make
+/// it read on, not give the server back and spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arriving_a_byte_at_a_time_are_served() {
+    let env = env().await;
+    let mut raw = raw_login_trust(env.addr()).await;
+    let mut query = b"SELECT 40 + 2".to_vec();
+    query.push(0);
+    let query = message(b'Q', &query);
+    for round in 0..3 {
+        for byte in &query {
+            send_raw(&mut raw, std::slice::from_ref(byte)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut row = None;
+        within("answer to a query sent byte by byte", async {
+            loop {
+                match read_message(&mut raw).await {
+                    Incoming::Message(b'D', body) => row = Some(body),
+                    Incoming::Message(b'Z', _) => break,
+                    Incoming::Message(b'E', body) => panic!("error: {:?}", error_fields(&body)),
+                    Incoming::Message(..) => {}
+                    Incoming::Closed => panic!("closed in round {round}"),
+                }
+            }
+        })
+        .await;
+        let row = row.expect("a data row");
+        assert!(row.ends_with(b"42"), "round {round}: {row:?}");
+    }
+}

@@ -59,6 +59,24 @@ impl ServerPool {
         Ok(server)
     }
 
+    /// A server if one is free or can be opened now, without queueing (`None` otherwise).
+    pub async fn try_checkout(&self) -> Result<Option<Server>, CheckoutError> {
+        let timeouts = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        match self.pool.timeout_get(&timeouts).await {
+            Ok(mut server) => {
+                server.dirty = true;
+                Ok(Some(server))
+            }
+            Err(PoolError::Timeout(_)) => Ok(None),
+            Err(PoolError::Backend(e)) => Err(CheckoutError::Upstream(e)),
+            Err(_) => Err(CheckoutError::Closed),
+        }
+    }
+
     /// Parameters to show a logging-in client; logs in one server first if none has yet.
     pub async fn defaults(&self) -> Result<ServerDefaults, CheckoutError> {
         if let Some(d) = self.cached_defaults() {

@@ -650,21 +650,25 @@ impl<'a> Tracker<'a> {
         if matches!(front, Expect::Query | Expect::Sync) {
             return; // a simple query's error; its ReadyForQuery completes it
         }
+        // The front message failed. If it is a Parse the proxy added and the server says it had
+        // the statement already, the cache was wrong the other way: keep the statement.
         let duplicate = error_code(msg) == Some("42P05");
-        while let Some(e) = self.queue.front() {
-            if matches!(e, Expect::Sync) {
-                return;
-            }
-            let Some(e) = self.queue.pop_front() else {
-                return;
-            };
-            match e {
-                // A Parse the proxy added failed because the server had it after all: keep it.
+        if let Some(failed) = self.queue.pop_front() {
+            match failed {
                 Expect::Parse {
                     swallow: true,
                     undo: Undo::Forget(_),
                 } if duplicate => {}
                 e => self.undo(e),
+            }
+        }
+        // Everything after it, up to the next Sync, is skipped by the server.
+        while let Some(e) = self.queue.front() {
+            if matches!(e, Expect::Sync) {
+                return;
+            }
+            if let Some(e) = self.queue.pop_front() {
+                self.undo(e);
             }
         }
         self.skipping = true;
