@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
-use crate::protocol::prepared::{ClientAction, Tracker};
+use crate::protocol::pipeline::{ClientAction, Tracker};
 
 /// Bytes read per socket read.
 const READ_CHUNK: usize = 16 * 1024;

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod frame;
+pub mod pipeline;
 pub mod prepared;
 pub mod sqlstate;
 pub mod startup;

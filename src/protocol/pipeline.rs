@@ -1,0 +1,544 @@
+//! Matching responses to requests, so the proxy can add, rewrite and answer messages.
+//!
+//! Every message in flight to a server has an entry in a queue, in request order, saying what
+//! will answer it. That lets the proxy prepare a client's named statement on a server that lacks
+//! it (adding a Parse and swallowing its ParseComplete), answer a Parse the server does not need
+//! (a synthetic ParseComplete, placed exactly where the server's would have been), and follow
+//! errors: after a failure the server skips to the next Sync, and so does the queue, undoing what
+//! the skipped messages would have done. It also knows which Syncs a server will ignore (those
+//! sent during COPY FROM STDIN), so the relay's count of outstanding answers stays exact.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+
+use super::frame::{HEADER_LEN, cstr};
+use super::prepared::{
+    ClientStatements, Registry, ServerStatements, Statement, deallocate_target, put_message,
+};
+
+/// What to undo when the server skips a message (an earlier one in the batch failed).
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    /// A client Parse: the name was never created...
+    Unmap(String),
+    /// ...and the server does not have the statement either.
+    UnmapAndForget(String, u64),
+    /// A Parse the proxy added: the server does not have the statement.
+    Forget(u64),
+    /// A client Close of a tracked name: the name still exists.
+    Remap(String, Arc<Statement>),
+    /// A Close the proxy added to evict a statement: the server still has it.
+    Keep(Arc<Statement>),
+}
+
+/// A response the proxy owes the client that the server will not send.
+#[derive(Debug, Clone, Copy)]
+enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    /// CommandComplete "DEALLOCATE" and ReadyForQuery (SQL DEALLOCATE of a tracked name).
+    Deallocated,
+}
+
+/// What a message in flight will be answered with, in request order.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete ('1'); `swallow` when the proxy added the Parse.
+    Parse { swallow: bool, undo: Undo },
+    /// BindComplete ('2').
+    Bind { swallow: bool },
+    /// RowDescription or NoData, after an optional ParameterDescription.
+    Describe,
+    /// CloseComplete ('3').
+    Close { swallow: bool, undo: Undo },
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// ReadyForQuery: Sync.
+    Sync,
+    /// ReadyForQuery: simple Query or FunctionCall.
+    Query,
+    /// Sent by the proxy when it reaches the front of the queue.
+    Synthetic { response: Synthetic, undo: Undo },
+    /// Not a response: the client ended a COPY (CopyDone or CopyFail) here.
+    CopyEnd,
+}
+
+/// What to do with a client message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientAction {
+    Forward,
+    /// Forward, but the server will ignore it (a Sync during COPY FROM STDIN): no answer comes.
+    Unanswered,
+    /// Send [`Tracker::out`] instead (empty: send nothing).
+    Replace,
+}
+
+/// Tracking state for one relay (one transaction), borrowing the client's and server's maps.
+pub struct Tracker<'a> {
+    pub registry: &'a Registry,
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub max: usize,
+    queue: &'a mut VecDeque<Expect>,
+    /// What to send instead of the current client message.
+    pub out: &'a mut BytesMut,
+    /// The server failed a message and skips until the next Sync.
+    skipping: bool,
+    /// The server is in COPY FROM STDIN and the client has not ended it yet.
+    copy_in: bool,
+    /// Rewrite named statements (transaction mode with `max_prepared_statements` > 0); otherwise
+    /// only match responses to requests.
+    rewrite: bool,
+}
+
+/// Buffers that live with the client session so their allocations are reused.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    queue: VecDeque<Expect>,
+    out: BytesMut,
+}
+
+impl<'a> Tracker<'a> {
+    pub fn new(
+        registry: &'a Registry,
+        client: &'a mut ClientStatements,
+        server: &'a mut ServerStatements,
+        max: usize,
+        scratch: &'a mut Scratch,
+    ) -> Tracker<'a> {
+        scratch.queue.clear();
+        Tracker {
+            registry,
+            client,
+            server,
+            max,
+            queue: &mut scratch.queue,
+            out: &mut scratch.out,
+            skipping: false,
+            copy_in: false,
+            rewrite: max > 0,
+        }
+    }
+
+    /// True when nothing is owed either way.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Client messages the tracker must see whole (`len`: body length).
+    pub fn wants_whole(&self, tag: u8, len: usize) -> bool {
+        self.rewrite
+            && (matches!(tag, b'P' | b'B' | b'D' | b'C') || (tag == b'Q' && len <= 64 * 1024))
+    }
+
+    /// Server message types the tracker must see whole.
+    pub fn wants_whole_from_server(tag: u8) -> bool {
+        matches!(tag, b'1' | b'2' | b'3' | b'C')
+    }
+
+    /// Handles one client message (`msg`: whole when [`Self::wants_whole`] said so). `status` is
+    /// the transaction status of the last ReadyForQuery.
+    pub fn on_client_message(&mut self, tag: u8, msg: &[u8], status: u8) -> ClientAction {
+        let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        self.out.clear();
+        if self.copy_in {
+            return match tag {
+                b'S' | b'H' => ClientAction::Unanswered,
+                b'c' | b'f' => {
+                    self.copy_in = false;
+                    ClientAction::Forward
+                }
+                _ => ClientAction::Forward,
+            };
+        }
+        if self.skipping && tag != b'S' {
+            // The server ignores everything up to the next Sync, and owes nothing for it.
+            return ClientAction::Forward;
+        }
+        match tag {
+            b'P' if self.rewrite => self.parse(body),
+            b'B' if self.rewrite => self.bind(body),
+            b'D' if self.rewrite => self.describe_or_close(body, true),
+            b'C' if self.rewrite => self.describe_or_close(body, false),
+            b'Q' if self.rewrite => self.query(body, status),
+            b'P' => self.push(
+                Expect::Parse {
+                    swallow: false,
+                    undo: Undo::Nothing,
+                },
+                ClientAction::Forward,
+            ),
+            b'B' => self.push(Expect::Bind { swallow: false }, ClientAction::Forward),
+            b'D' => self.push(Expect::Describe, ClientAction::Forward),
+            b'C' => self.push(
+                Expect::Close {
+                    swallow: false,
+                    undo: Undo::Nothing,
+                },
+                ClientAction::Forward,
+            ),
+            b'Q' | b'F' => self.push(Expect::Query, ClientAction::Forward),
+            b'E' => self.push(Expect::Execute, ClientAction::Forward),
+            b'S' => {
+                self.skipping = false;
+                self.push(Expect::Sync, ClientAction::Forward)
+            }
+            // The end of a COPY whose CopyInResponse has not arrived yet.
+            b'c' | b'f' => self.push(Expect::CopyEnd, ClientAction::Forward),
+            _ => ClientAction::Forward,
+        }
+    }
+
+    fn push(&mut self, expect: Expect, action: ClientAction) -> ClientAction {
+        self.queue.push_back(expect);
+        action
+    }
+
+    fn parse(&mut self, body: &[u8]) -> ClientAction {
+        let mut pos = 0;
+        let Some(name) = cstr(body, &mut pos) else {
+            return ClientAction::Forward;
+        };
+        if name.is_empty() {
+            let undo = Undo::Nothing;
+            return self.push(
+                Expect::Parse {
+                    swallow: false,
+                    undo,
+                },
+                ClientAction::Forward,
+            );
+        }
+        if self.client.names.contains_key(name) {
+            return self.already_exists(name);
+        }
+        let statement = self.registry.statement(&body[pos..]);
+        self.client.names.insert(name.to_owned(), statement.clone());
+        if self.server.has(statement.id) {
+            self.registry.counters.hits.fetch_add(1, Ordering::Relaxed);
+            let undo = Undo::Unmap(name.to_owned());
+            let response = Synthetic::ParseComplete;
+            return self.push(Expect::Synthetic { response, undo }, ClientAction::Replace);
+        }
+        self.prepare_on_server(&statement, false);
+        let undo = Undo::UnmapAndForget(name.to_owned(), statement.id);
+        self.push(
+            Expect::Parse {
+                swallow: false,
+                undo,
+            },
+            ClientAction::Replace,
+        )
+    }
+
+    /// Adds `s`'s Parse to `out`, evicting (Close) the least recently used statement if the
+    /// server is full; `swallow` the ParseComplete when the client did not ask for it.
+    fn prepare_on_server(&mut self, s: &Arc<Statement>, swallow: bool) {
+        if let Some(old) = self.server.insert(s.clone(), self.max) {
+            self.registry
+                .counters
+                .evictions
+                .fetch_add(1, Ordering::Relaxed);
+            put_message(self.out, b'C', &[b"S", old.name.as_bytes(), b"\0"]);
+            let undo = Undo::Keep(old);
+            self.push(
+                Expect::Close {
+                    swallow: true,
+                    undo,
+                },
+                ClientAction::Forward,
+            );
+        }
+        self.registry
+            .counters
+            .prepared
+            .fetch_add(1, Ordering::Relaxed);
+        self.out.extend_from_slice(&s.parse);
+        if swallow {
+            self.push(
+                Expect::Parse {
+                    swallow: true,
+                    undo: Undo::Forget(s.id),
+                },
+                ClientAction::Forward,
+            );
+        }
+    }
+
+    /// Re-Parse of a name without Close: the server raises 42P05 itself, so the transaction
+    /// fails and the batch is skipped exactly as PostgreSQL would.
+    fn already_exists(&mut self, name: &str) -> ClientAction {
+        let message = format!("prepared statement \"{name}\" already exists").replace('\'', "''");
+        let sql = format!(
+            "DO $__fg$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', MESSAGE = '{}'; END$__fg$",
+            message.replace("$__fg$", "")
+        );
+        put_message(self.out, b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"]);
+        put_message(self.out, b'B', &[b"\0\0\0\0\0\0\0\0"]);
+        put_message(self.out, b'E', &[b"\0\0\0\0\0"]);
+        self.push(
+            Expect::Parse {
+                swallow: true,
+                undo: Undo::Nothing,
+            },
+            ClientAction::Forward,
+        );
+        self.push(Expect::Bind { swallow: true }, ClientAction::Forward);
+        self.push(Expect::Execute, ClientAction::Replace)
+    }
+
+    fn bind(&mut self, body: &[u8]) -> ClientAction {
+        let mut pos = 0;
+        let (Some(portal), Some(name)) = (cstr(body, &mut pos), cstr(body, &mut pos)) else {
+            return ClientAction::Forward;
+        };
+        let Some(statement) = self.client.names.get(name).cloned() else {
+            // Unnamed, or unknown: the server answers as PostgreSQL would (26000).
+            return self.push(Expect::Bind { swallow: false }, ClientAction::Forward);
+        };
+        self.ensure_prepared(&statement);
+        let rest = &body[pos..];
+        let name = statement.name.as_bytes();
+        put_message(
+            self.out,
+            b'B',
+            &[portal.as_bytes(), b"\0", name, b"\0", rest],
+        );
+        self.push(Expect::Bind { swallow: false }, ClientAction::Replace)
+    }
+
+    /// Describe or Close: a kind byte ('S'tatement or 'P'ortal) and a name.
+    fn describe_or_close(&mut self, body: &[u8], describe: bool) -> ClientAction {
+        let mut pos = 1;
+        let kind = body.first().copied();
+        let name = cstr(body, &mut pos).unwrap_or_default();
+        let tracked = if kind == Some(b'S') && !name.is_empty() {
+            self.client.names.get(name).cloned()
+        } else {
+            None
+        };
+        match (tracked, describe) {
+            (None, true) => self.push(Expect::Describe, ClientAction::Forward),
+            (None, false) => {
+                let undo = Undo::Nothing;
+                self.push(
+                    Expect::Close {
+                        swallow: false,
+                        undo,
+                    },
+                    ClientAction::Forward,
+                )
+            }
+            (Some(statement), true) => {
+                self.ensure_prepared(&statement);
+                put_message(self.out, b'D', &[b"S", statement.name.as_bytes(), b"\0"]);
+                self.push(Expect::Describe, ClientAction::Replace)
+            }
+            (Some(statement), false) => {
+                // The server keeps it for others; only this client's name goes.
+                self.client.names.remove(name);
+                let undo = Undo::Remap(name.to_owned(), statement);
+                let response = Synthetic::CloseComplete;
+                self.push(Expect::Synthetic { response, undo }, ClientAction::Replace)
+            }
+        }
+    }
+
+    /// Prepares `s` on this server first (into `out`) if it lacks it.
+    fn ensure_prepared(&mut self, s: &Arc<Statement>) {
+        if self.server.has(s.id) {
+            self.registry.counters.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.prepare_on_server(s, true);
+        }
+    }
+
+    /// A simple Query: SQL `DEALLOCATE name` of a tracked name is answered by the proxy (the
+    /// server knows the statement by another name, and keeps it for other clients).
+    fn query(&mut self, body: &[u8], status: u8) -> ClientAction {
+        if status != b'E'
+            && let Some(name) = deallocate_target(body)
+            && let Some(statement) = self.client.names.remove(&name)
+        {
+            let undo = Undo::Remap(name, statement);
+            let response = Synthetic::Deallocated;
+            return self.push(Expect::Synthetic { response, undo }, ClientAction::Replace);
+        }
+        self.push(Expect::Query, ClientAction::Forward)
+    }
+
+    fn undo(&mut self, expect: Expect) {
+        let undo = match expect {
+            Expect::Parse { undo, .. }
+            | Expect::Synthetic { undo, .. }
+            | Expect::Close { undo, .. } => undo,
+            _ => return,
+        };
+        match undo {
+            Undo::Nothing => {}
+            Undo::Unmap(name) => {
+                self.client.names.remove(&name);
+            }
+            Undo::UnmapAndForget(name, id) => {
+                self.client.names.remove(&name);
+                self.server.remove(id);
+            }
+            Undo::Forget(id) => self.server.remove(id),
+            Undo::Remap(name, statement) => {
+                self.client.names.insert(name, statement);
+            }
+            Undo::Keep(statement) => {
+                self.server.insert(statement, usize::MAX);
+            }
+        }
+    }
+
+    /// Handles one server message; `true` when it must not reach the client. `msg` is whole for
+    /// [`Self::wants_whole_from_server`] types and ErrorResponse. `pending` counts the Sync and
+    /// Query messages awaiting ReadyForQuery; Syncs found to be ignored are taken off it.
+    pub fn on_server_message(&mut self, tag: u8, msg: &[u8], pending: &mut usize) -> bool {
+        if tag == b'G' {
+            *pending = pending.saturating_sub(self.copy_in_started());
+            return false;
+        }
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front(); // a COPY that never started
+        }
+        match tag {
+            b'1' | b'2' | b'3' => match self.queue.pop_front() {
+                Some(Expect::Parse { swallow, .. }) => swallow,
+                Some(Expect::Bind { swallow }) | Some(Expect::Close { swallow, .. }) => swallow,
+                _ => false,
+            },
+            b'T' | b'n' => {
+                self.complete_if(|e| matches!(e, Expect::Describe));
+                false
+            }
+            b'I' | b's' => {
+                self.complete_if(|e| matches!(e, Expect::Execute));
+                false
+            }
+            b'C' => {
+                self.complete_if(|e| matches!(e, Expect::Execute));
+                let tag_text = msg.get(HEADER_LEN..).unwrap_or_default();
+                if tag_text.starts_with(b"DEALLOCATE ALL\0")
+                    || tag_text.starts_with(b"DISCARD ALL\0")
+                {
+                    self.server.clear();
+                    self.client.names.clear();
+                }
+                false
+            }
+            b'Z' => {
+                self.complete_if(|e| matches!(e, Expect::Sync | Expect::Query));
+                false
+            }
+            b'E' => {
+                self.on_error(msg);
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// CopyInResponse: the server ignores Sync and Flush until the client ends the COPY. Syncs
+    /// the client sent after the Execute (or Query) that started it, before its CopyDone or
+    /// CopyFail, will not be answered: they are dropped from the queue and their number returned.
+    fn copy_in_started(&mut self) -> usize {
+        let mut ignored = 0;
+        let mut i = 1; // the front is the Execute or Query that started the COPY
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Expect::Sync => {
+                    self.queue.remove(i);
+                    ignored += 1;
+                }
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    return ignored;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
+        ignored
+    }
+
+    fn complete_if(&mut self, f: impl Fn(&Expect) -> bool) {
+        if self.queue.front().is_some_and(f) {
+            self.queue.pop_front();
+        }
+    }
+
+    /// An extended-protocol message failed: it and everything up to the next Sync are skipped.
+    fn on_error(&mut self, msg: &[u8]) {
+        let Some(front) = self.queue.front() else {
+            return;
+        };
+        if matches!(front, Expect::Query | Expect::Sync) {
+            return; // a simple query's error; its ReadyForQuery completes it
+        }
+        // The front message failed. If it is a Parse the proxy added and the server says it had
+        // the statement already, the cache was wrong the other way: keep the statement.
+        let duplicate = error_code(msg) == Some("42P05");
+        if let Some(failed) = self.queue.pop_front() {
+            match failed {
+                Expect::Parse {
+                    swallow: true,
+                    undo: Undo::Forget(_),
+                } if duplicate => {}
+                e => self.undo(e),
+            }
+        }
+        // Everything after it, up to the next Sync, is skipped by the server.
+        while let Some(e) = self.queue.front() {
+            if matches!(e, Expect::Sync) {
+                return;
+            }
+            if let Some(e) = self.queue.pop_front() {
+                self.undo(e);
+            }
+        }
+        self.skipping = true;
+    }
+
+    /// Responses owed by the proxy that are now due (at the front of the queue), appended to
+    /// `out`. `status` is the transaction status of the last ReadyForQuery.
+    pub fn take_due(&mut self, out: &mut BytesMut, status: u8) {
+        while let Some(Expect::Synthetic { response, .. }) = self.queue.front() {
+            match response {
+                Synthetic::ParseComplete => put_message(out, b'1', &[]),
+                Synthetic::CloseComplete => put_message(out, b'3', &[]),
+                Synthetic::Deallocated => {
+                    put_message(out, b'C', &[b"DEALLOCATE\0"]);
+                    put_message(out, b'Z', &[&[status]]);
+                }
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// True while responses are outstanding: if the client leaves now, which statements the
+    /// server has is not known for sure.
+    pub fn uncertain(&self) -> bool {
+        !self.queue.is_empty()
+    }
+}
+
+/// The SQLSTATE of an ErrorResponse message.
+fn error_code(msg: &[u8]) -> Option<&str> {
+    let body = msg.get(HEADER_LEN..)?;
+    let mut pos = 0;
+    while let Some(&field) = body.get(pos) {
+        pos += 1;
+        let value = cstr(body, &mut pos)?;
+        if field == b'C' {
+            return Some(value);
+        }
+    }
+    None
+}
