@@ -42,6 +42,8 @@ pub enum ClientError {
     LoginTimeout,
     #[error("floodgate is shutting down")]
     Shutdown,
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
     /// The client went away; nothing can be sent.
     #[error("client disconnected")]
     Gone,
@@ -65,6 +67,7 @@ impl ClientError {
             }
             ClientError::Server { code, .. } => code.clone(),
             ClientError::Gone => sqlstate::CONNECTION_FAILURE.into(),
+            ClientError::Limit(_) => sqlstate::TOO_MANY_CONNECTIONS.into(),
         }
     }
 }
@@ -141,6 +144,8 @@ struct Session {
     /// This client's named prepared statements (transaction mode).
     statements: ClientStatements,
     scratch: Scratch,
+    /// Places held in the per-database and per-user client counts.
+    _admitted: Vec<crate::limits::Admitted>,
 }
 
 /// Startup packets until a StartupMessage, then authentication; `None` for a cancel request.
@@ -203,6 +208,9 @@ async fn login(
         .pools
         .get(&database, &user)
         .ok_or_else(|| ClientError::UnknownDatabase(database.clone()))?;
+    let admitted = shared
+        .limits
+        .admit_login(&shared.config.floodgate, &database, &user)?;
     let defaults = pool.defaults().await?;
 
     // The client sees the server's parameters, with the values it asked for at startup.
@@ -237,6 +245,7 @@ async fn login(
         sbuf: BytesMut::with_capacity(16 * 1024),
         statements: ClientStatements::default(),
         scratch: Scratch::default(),
+        _admitted: admitted,
     }))
 }
 

@@ -74,6 +74,16 @@ pub struct General {
     pub admin_users: Vec<String>,
     pub auth_type: AuthType,
     pub max_client_conn: usize,
+    /// Clients per database at once; 0 = no limit.
+    pub max_db_client_connections: usize,
+    /// Clients per user at once; 0 = no limit.
+    pub max_user_client_connections: usize,
+    /// Clients per client IP address at once; 0 = no limit.
+    pub max_client_conn_per_ip: usize,
+    /// New connections per second per client IP (token bucket); 0 = no limit.
+    pub client_conn_rate_per_ip: f64,
+    /// Connections an IP may open at once before the rate applies (at least 1).
+    pub client_conn_burst_per_ip: usize,
     pub pool_mode: PoolMode,
     pub default_pool_size: usize,
     /// Named prepared statements kept per server connection in transaction mode (LRU);
@@ -108,6 +118,11 @@ impl Default for General {
             admin_users: Vec::new(),
             auth_type: AuthType::ScramSha256,
             max_client_conn: 10_000,
+            max_db_client_connections: 0,
+            max_user_client_connections: 0,
+            max_client_conn_per_ip: 0,
+            client_conn_rate_per_ip: 0.0,
+            client_conn_burst_per_ip: 10,
             pool_mode: PoolMode::Transaction,
             default_pool_size: 20,
             max_prepared_statements: 200,
@@ -225,6 +240,9 @@ impl Config {
         }
         if g.max_client_conn == 0 {
             return invalid("[floodgate] max_client_conn must be at least 1".into());
+        }
+        if !(g.client_conn_rate_per_ip >= 0.0 && g.client_conn_rate_per_ip.is_finite()) {
+            return invalid("[floodgate] client_conn_rate_per_ip must be 0 (off) or a positive number of connections per second".into());
         }
         if g.max_packet_size < 1024 {
             return invalid("[floodgate] max_packet_size must be at least 1024 bytes".into());

@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod params;
 pub mod pgcluster;
 pub mod pool;

@@ -103,12 +103,52 @@ async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit(&config);
     let proxy = floodgate::Proxy::start(config).await?;
     floodgate::shutdown_signal().await;
     tracing::info!("shutting down: no new clients; waiting for transactions in flight");
     proxy.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one (every client and server connection is a
+/// file descriptor) and warns when the configured connections cannot fit in it.
+fn raise_open_files_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let servers: usize = config
+        .databases
+        .values()
+        .map(|db| config.pool_size(db))
+        .sum::<usize>()
+        * config.users.len().max(1);
+    let needed = (config.floodgate.max_client_conn + servers + 64) as u64;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            open_files_limit = limit.rlim_cur,
+            needed,
+            "max_client_conn plus the server pools need more file descriptors than the open-files \
+             limit allows: raise it (ulimit -n, LimitNOFILE=) or lower max_client_conn"
+        );
+    }
 }
 
 /// Prints the pools and the most server connections they can open.

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -28,8 +27,8 @@ pub struct Shared {
     pub statements: crate::protocol::prepared::Registry,
     /// Flips to `true` once, when the proxy starts shutting down.
     pub shutdown: watch::Sender<bool>,
-    /// Client connections open now.
-    pub clients: AtomicUsize,
+    /// Admitted clients, by IP, database and user.
+    pub limits: Arc<crate::limits::ClientLimits>,
 }
 
 /// A running proxy.
@@ -59,7 +58,7 @@ impl Proxy {
             cancels: Arc::new(CancelRegistry::default()),
             statements: Default::default(),
             shutdown: watch::Sender::new(false),
-            clients: AtomicUsize::new(0),
+            limits: Default::default(),
         });
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%local_addr, "floodgate listening");
@@ -122,30 +121,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Counts the client against `max_client_conn`, then serves it.
+/// Counts the client against `max_client_conn` and its IP's limits, then serves it.
 async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
-    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-    let _guard = ClientCount(&shared.clients);
-    let max = shared.config.floodgate.max_client_conn;
-    if count > max {
-        let mut buf = BytesMut::new();
-        let msg = format!("no more connections allowed (max_client_conn = {max})");
-        backend::error(
-            &mut buf,
-            Severity::Fatal,
-            sqlstate::TOO_MANY_CONNECTIONS,
-            &msg,
-        );
-        let _ = stream.write_all(&buf).await;
-        return;
-    }
+    let ip = match stream.peer_addr() {
+        Ok(addr) => addr.ip(),
+        Err(_) => return,
+    };
+    let _admitted = match shared.limits.admit_connection(&shared.config.floodgate, ip) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            tracing::debug!(%ip, error = %e, "client refused");
+            let mut buf = BytesMut::new();
+            backend::error(
+                &mut buf,
+                Severity::Fatal,
+                sqlstate::TOO_MANY_CONNECTIONS,
+                &e.to_string(),
+            );
+            let _ = stream.write_all(&buf).await;
+            return;
+        }
+    };
     crate::client::serve(stream, shared.clone()).await;
-}
-
-struct ClientCount<'a>(&'a AtomicUsize);
-
-impl Drop for ClientCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
