@@ -18,7 +18,7 @@ use crate::protocol::prepared::ClientStatements;
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::proxy::Shared;
-use crate::relay::{Abandoned, Outcome, Relay};
+use crate::relay::{Abandoned, Outcome, Relay, Timeout, Timeouts};
 
 /// Largest message accepted before login completes (password, SASL).
 const MAX_LOGIN_MESSAGE: usize = 10 * 1024;
@@ -44,6 +44,14 @@ pub enum ClientError {
     Shutdown,
     #[error(transparent)]
     Limit(#[from] crate::limits::LimitError),
+    #[error("terminating connection: idle in transaction for longer than idle_transaction_timeout")]
+    IdleTransactionTimeout,
+    #[error(
+        "canceling statement due to query_timeout; the server did not answer the cancel in time, so the connection is closed"
+    )]
+    QueryTimeout,
+    #[error("terminating connection: idle for longer than client_idle_timeout")]
+    IdleTimeout,
     /// The client went away; nothing can be sent.
     #[error("client disconnected")]
     Gone,
@@ -68,6 +76,9 @@ impl ClientError {
             ClientError::Server { code, .. } => code.clone(),
             ClientError::Gone => sqlstate::CONNECTION_FAILURE.into(),
             ClientError::Limit(_) => sqlstate::TOO_MANY_CONNECTIONS.into(),
+            ClientError::IdleTransactionTimeout => sqlstate::IDLE_IN_TRANSACTION_TIMEOUT.into(),
+            ClientError::QueryTimeout => sqlstate::QUERY_CANCELED.into(),
+            ClientError::IdleTimeout => sqlstate::IDLE_SESSION_TIMEOUT.into(),
         }
     }
 }
@@ -364,9 +375,13 @@ impl Session {
         };
         tokio::pin!(stop);
         loop {
+            let idle_timeout = self.shared.config.floodgate.client_idle_timeout;
             let idle = tokio::select! {
                 idle = self.wait_for_message(stream) => idle?,
                 _ = &mut stop => return Err(ClientError::Shutdown),
+                _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
+                    return Err(ClientError::IdleTimeout);
+                }
             };
             if let Idle::Gone = idle {
                 return Ok(());
@@ -499,6 +514,11 @@ impl Session {
             release_when_idle: !session_mode,
             max_packet_size: self.shared.config.floodgate.max_packet_size,
             tracker,
+            timeouts: Timeouts {
+                query: self.shared.config.floodgate.query_timeout,
+                idle_transaction: self.shared.config.floodgate.idle_transaction_timeout,
+            },
+            cancel: server_ref.cancel,
         }
         .run()
         .await;
@@ -511,6 +531,18 @@ impl Session {
             Outcome::ClientGone(left) => {
                 self.abandon(server, left);
                 Ok(false)
+            }
+            Outcome::TimedOut(left, Timeout::IdleTransaction) => {
+                self.abandon(server, left);
+                Err(ClientError::IdleTransactionTimeout)
+            }
+            Outcome::TimedOut(left, Timeout::Query) => {
+                tokio::spawn(crate::reset::close(
+                    server,
+                    left.state,
+                    left.client_mid_message,
+                ));
+                Err(ClientError::QueryTimeout)
             }
             Outcome::ClientViolation(left, reason) => {
                 self.abandon(server, left);

@@ -93,6 +93,15 @@ pub struct General {
     pub max_packet_size: usize,
     #[serde(deserialize_with = "duration")]
     pub query_wait_timeout: Duration,
+    /// A query running this long is cancelled (57014); 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub query_timeout: Duration,
+    /// A client idle this long inside a transaction is disconnected (25P03); 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub idle_transaction_timeout: Duration,
+    /// A client idle this long outside a transaction is disconnected (57P05); 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub client_idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub client_login_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -128,6 +137,9 @@ impl Default for General {
             max_prepared_statements: 200,
             max_packet_size: 1_073_741_823,
             query_wait_timeout: Duration::from_secs(120),
+            query_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
             client_login_timeout: Duration::from_secs(60),
             server_connect_timeout: Duration::from_secs(15),
             server_idle_timeout: Duration::from_secs(600),

@@ -4,9 +4,12 @@
 //! decoding rows. It decides when a transaction is over: every Sync/Query answered, the last
 //! `ReadyForQuery` idle, nothing half sent either way.
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
@@ -30,6 +33,8 @@ pub struct TxState {
     pub copy_in: bool,
     /// The server sent a FATAL error (it is closing; the client has already been told why).
     pub server_fatal: bool,
+    /// ReadyForQuery messages seen (progress, for `query_timeout`).
+    pub answered: u64,
 }
 
 impl TxState {
@@ -40,6 +45,7 @@ impl TxState {
             unsynced: false,
             copy_in: false,
             server_fatal: false,
+            answered: 0,
         }
     }
 
@@ -66,6 +72,8 @@ pub enum Outcome {
     ClientViolation(Abandoned, String),
     /// The server connection failed or the server closed it.
     ServerLost { state: TxState, reason: String },
+    /// A time limit was reached.
+    TimedOut(Abandoned, Timeout),
 }
 
 /// Where both streams stood when a client stopped using its server mid-way, so the server can be
@@ -112,6 +120,44 @@ pub struct Relay<'a> {
     pub max_packet_size: usize,
     /// Named prepared statements, when tracked (transaction mode).
     pub tracker: Tracker<'a>,
+    pub timeouts: Timeouts,
+    /// Where to send a CancelRequest when `query_timeout` fires.
+    pub cancel: crate::server::CancelTarget,
+}
+
+/// Time limits the relay enforces (zero = off).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A query (anything awaiting ReadyForQuery) running this long is cancelled.
+    pub query: Duration,
+    /// A client idle this long inside a transaction is disconnected.
+    pub idle_transaction: Duration,
+}
+
+/// After a cancel for `query_timeout`, how long the server has to answer before it is closed.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Which time limit a relay ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// `query_timeout`: the query was cancelled but the server did not answer in time.
+    Query,
+    /// `idle_transaction_timeout`.
+    IdleTransaction,
+}
+
+/// The one timer a relay has armed, and since when its condition holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Armed {
+    /// Something awaits ReadyForQuery since `since`, when `answered` ReadyForQuery had been
+    /// seen (each new one restarts the clock); `cancelled` once the cancel has been sent.
+    Query {
+        since: Instant,
+        answered: u64,
+        cancelled: bool,
+    },
+    /// Inside a transaction, waiting for the client.
+    IdleTransaction { since: Instant },
 }
 
 enum Event {
@@ -121,6 +167,8 @@ enum Event {
     FromClient(std::io::Result<usize>),
     ToClient(std::io::Result<usize>),
     FromServer(std::io::Result<usize>),
+    /// The armed timer fired.
+    Timer,
 }
 
 /// How far one direction's buffer has been scanned: `buf[..ready]` goes out next.
@@ -155,7 +203,12 @@ impl Relay<'_> {
             release_when_idle,
             max_packet_size,
             mut tracker,
+            timeouts,
+            cancel,
         } = self;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Armed> = None;
         let mut tx = TxState::new();
         let mut up = Flow::new(max_packet_size);
         let mut down = Flow::new(usize::MAX >> 1);
@@ -202,6 +255,32 @@ impl Relay<'_> {
                         };
                     }
                 }
+                Event::Timer => match armed {
+                    Some(Armed::Query {
+                        since,
+                        answered,
+                        cancelled: false,
+                    }) => {
+                        tokio::spawn(cancel.send());
+                        armed = Some(Armed::Query {
+                            since,
+                            answered,
+                            cancelled: true,
+                        });
+                        timer.as_mut().reset(Instant::now() + CANCEL_GRACE);
+                    }
+                    Some(Armed::Query {
+                        cancelled: true, ..
+                    }) => {
+                        let left = abandoned(tx, &up, &down).uncertain(&tracker);
+                        return Outcome::TimedOut(left, Timeout::Query);
+                    }
+                    Some(Armed::IdleTransaction { .. }) => {
+                        let left = abandoned(tx, &up, &down).uncertain(&tracker);
+                        return Outcome::TimedOut(left, Timeout::IdleTransaction);
+                    }
+                    None => {}
+                },
                 Event::FromServer(r) => {
                     // Whatever the server said before closing (its FATAL) still reaches the client.
                     let _ = client.write_all(&sbuf[..down.ready]).await;
@@ -223,6 +302,8 @@ impl Relay<'_> {
             {
                 return Outcome::Released;
             }
+            let owed = !tracker.is_idle();
+            rearm(&mut armed, timer.as_mut(), &tx, owed, &up, timeouts);
             // Both directions at once: a client that pipelines without reading its results
             // cannot wedge the proxy between two full socket buffers.
             let (mut cr, mut cw) = client.split();
@@ -247,8 +328,50 @@ impl Relay<'_> {
                 biased;
                 e = s2c => e,
                 e = c2s => e,
+                _ = &mut timer, if armed.is_some() => Event::Timer,
             };
         }
+    }
+}
+
+/// Arms, moves or disarms the timer for the state the transaction is in now. With both timeouts
+/// off (the default) this never touches the timer.
+fn rearm(
+    armed: &mut Option<Armed>,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    tx: &TxState,
+    responses_owed: bool,
+    up: &Flow,
+    t: Timeouts,
+) {
+    let waiting_for_server = tx.pending > 0 || responses_owed;
+    let idle_in_transaction = !waiting_for_server && tx.status != b'I' && up.ready == 0;
+    let next = match *armed {
+        Some(
+            a @ Armed::Query {
+                answered,
+                cancelled,
+                ..
+            },
+        ) if waiting_for_server && (cancelled || answered == tx.answered) => Some(a),
+        Some(a @ Armed::IdleTransaction { .. }) if idle_in_transaction => Some(a),
+        _ if waiting_for_server && !t.query.is_zero() => Some(Armed::Query {
+            since: Instant::now(),
+            answered: tx.answered,
+            cancelled: false,
+        }),
+        _ if idle_in_transaction && !t.idle_transaction.is_zero() => Some(Armed::IdleTransaction {
+            since: Instant::now(),
+        }),
+        _ => None,
+    };
+    if next != *armed {
+        match next {
+            Some(Armed::Query { since, .. }) => timer.reset(since + t.query),
+            Some(Armed::IdleTransaction { since }) => timer.reset(since + t.idle_transaction),
+            None => {}
+        }
+        *armed = next;
     }
 }
 
@@ -381,6 +504,7 @@ fn scan_server(
                 let body = &sbuf[start + HEADER_LEN..end];
                 match tag {
                     b'Z' => {
+                        state.answered += 1;
                         state.pending = state.pending.saturating_sub(1);
                         state.status = body.first().copied().unwrap_or(b'I');
                         state.copy_in = false;

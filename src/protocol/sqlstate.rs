@@ -12,3 +12,5 @@ pub const CONNECTION_FAILURE: &str = "08006";
 pub const CONNECTION_EXCEPTION: &str = "08000";
 pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const INTERNAL_ERROR: &str = "XX000";
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
