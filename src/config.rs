@@ -86,6 +86,10 @@ pub struct General {
     pub client_conn_burst_per_ip: usize,
     pub pool_mode: PoolMode,
     pub default_pool_size: usize,
+    /// Extra servers per pool for clients that waited `reserve_pool_timeout`; 0 = none.
+    pub reserve_pool_size: usize,
+    #[serde(deserialize_with = "duration")]
+    pub reserve_pool_timeout: Duration,
     /// Named prepared statements kept per server connection in transaction mode (LRU);
     /// 0 turns tracking off (statements pass through as in session mode).
     pub max_prepared_statements: usize,
@@ -134,6 +138,8 @@ impl Default for General {
             client_conn_burst_per_ip: 10,
             pool_mode: PoolMode::Transaction,
             default_pool_size: 20,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
             max_prepared_statements: 200,
             max_packet_size: 1_073_741_823,
             query_wait_timeout: Duration::from_secs(120),
@@ -193,6 +199,11 @@ pub struct Database {
     pub pool_size: Option<usize>,
     /// Overrides the global `pool_mode`.
     pub pool_mode: Option<PoolMode>,
+    /// Overrides the global `reserve_pool_size`.
+    pub reserve_pool_size: Option<usize>,
+    /// Overrides the global `reserve_pool_timeout`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub reserve_pool_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Database {
@@ -225,6 +236,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "`{text}` is not a duration ({e}); write a number with a unit, e.g. \"250ms\", \"5s\", \"10m\""
         ))
     })
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 impl Config {

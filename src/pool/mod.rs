@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use deadpool::managed::{Pool, PoolError, QueueMode, Timeouts};
 
 use crate::auth::UserStore;
@@ -35,28 +37,52 @@ pub struct ServerPool {
     pub mode: PoolMode,
     pub size: usize,
     pool: Pool<Manager>,
+    /// Extra servers for clients that waited `reserve_pool_timeout` (`reserve_pool_size`).
+    reserve: Option<Pool<Manager>>,
+    reserve_timeout: Duration,
     wait_timeout: Duration,
 }
 
 impl ServerPool {
-    /// Waits (first come, first served) for a server, opening one if below the cap.
+    /// Waits (first come, first served) for a server, opening one if below the cap. A client
+    /// that has waited `reserve_pool_timeout` may also take a reserve server, without losing its
+    /// place in the main queue.
     pub async fn checkout(&self) -> Result<Server, CheckoutError> {
-        let timeouts = Timeouts {
-            wait: (!self.wait_timeout.is_zero()).then_some(self.wait_timeout),
-            create: None, // the manager bounds each connect by server_connect_timeout
-            recycle: None,
+        let deadline = (!self.wait_timeout.is_zero()).then(|| Instant::now() + self.wait_timeout);
+        let main_timeouts = self.wait_until(deadline);
+        let main = self.pool.timeout_get(&main_timeouts);
+        tokio::pin!(main);
+        let result = match &self.reserve {
+            None => main.await,
+            Some(reserve) => {
+                tokio::select! {
+                    r = &mut main => r,
+                    _ = tokio::time::sleep(self.reserve_timeout) => {
+                        let reserve_timeouts = self.wait_until(deadline);
+                        tokio::select! {
+                            r = &mut main => r,
+                            r = reserve.timeout_get(&reserve_timeouts) => r,
+                        }
+                    }
+                }
+            }
         };
-        let mut server = self
-            .pool
-            .timeout_get(&timeouts)
-            .await
-            .map_err(|e| match e {
-                PoolError::Timeout(_) => CheckoutError::WaitTimeout(self.wait_timeout),
-                PoolError::Backend(e) => CheckoutError::Upstream(e),
-                _ => CheckoutError::Closed,
-            })?;
+        let mut server = result.map_err(|e| match e {
+            PoolError::Timeout(_) => CheckoutError::WaitTimeout(self.wait_timeout),
+            PoolError::Backend(e) => CheckoutError::Upstream(e),
+            _ => CheckoutError::Closed,
+        })?;
         server.dirty = true;
         Ok(server)
+    }
+
+    /// Timeouts for a wait that must end by `deadline` (`None`: no limit).
+    fn wait_until(&self, deadline: Option<Instant>) -> Timeouts {
+        Timeouts {
+            wait: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            create: None, // the manager bounds each connect by server_connect_timeout
+            recycle: None,
+        }
     }
 
     /// A server if one is free or can be opened now, without queueing (`None` otherwise).
@@ -92,22 +118,27 @@ impl ServerPool {
         self.pool.manager().defaults.lock().ok()?.clone()
     }
 
-    /// Server connections open now (idle or in use).
+    /// Server connections open now (idle or in use), reserve included.
     pub fn open_servers(&self) -> usize {
-        self.pool.status().size
+        self.pool.status().size + self.reserve.as_ref().map_or(0, |r| r.status().size)
     }
 
     /// Closes idle servers past `server_idle_timeout` or `server_lifetime`.
     fn evict_idle(&self, idle_timeout: Duration, lifetime: Duration) {
-        self.pool.retain(|server, metrics| {
-            let idle_ok = idle_timeout.is_zero() || metrics.last_used() < idle_timeout;
-            let age_ok = lifetime.is_zero() || server.created.elapsed() < lifetime;
-            idle_ok && age_ok && server.is_usable()
-        });
+        for pool in std::iter::once(&self.pool).chain(&self.reserve) {
+            pool.retain(|server, metrics| {
+                let idle_ok = idle_timeout.is_zero() || metrics.last_used() < idle_timeout;
+                let age_ok = lifetime.is_zero() || server.created.elapsed() < lifetime;
+                idle_ok && age_ok && server.is_usable()
+            });
+        }
     }
 
     pub fn close(&self) {
         self.pool.close();
+        if let Some(reserve) = &self.reserve {
+            reserve.close();
+        }
     }
 }
 
@@ -142,30 +173,42 @@ impl Pools {
             let secrets = self.users.get(user)?;
             secrets.plain.clone().or_else(|| secrets.md5.clone())
         });
-        let manager = Manager {
-            login: Login {
-                addr: format!("{}:{}", dbconf.host, dbconf.port),
-                user: upstream_user,
-                dbname: dbconf.dbname.clone().unwrap_or_else(|| db.to_owned()),
-                password,
-                db_key: db.to_owned(),
-            },
-            connect_timeout: g.server_connect_timeout,
-            lifetime: g.server_lifetime,
-            defaults: Mutex::new(None),
+        let login = Login {
+            addr: format!("{}:{}", dbconf.host, dbconf.port),
+            user: upstream_user,
+            dbname: dbconf.dbname.clone().unwrap_or_else(|| db.to_owned()),
+            password,
+            db_key: db.to_owned(),
+        };
+        let build = |size: usize| {
+            let manager = Manager {
+                login: login.clone(),
+                connect_timeout: g.server_connect_timeout,
+                lifetime: g.server_lifetime,
+                defaults: Mutex::new(None),
+            };
+            Pool::builder(manager)
+                .max_size(size)
+                .queue_mode(QueueMode::Lifo)
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .ok()
         };
         let size = self.config.pool_size(dbconf);
-        let pool = Pool::builder(manager)
-            .max_size(size)
-            .queue_mode(QueueMode::Lifo)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .ok()?;
+        let reserve_size = dbconf.reserve_pool_size.unwrap_or(g.reserve_pool_size);
+        let reserve = match reserve_size {
+            0 => None,
+            n => Some(build(n)?),
+        };
         let pool = Arc::new(ServerPool {
             name: format!("{db}/{user}"),
             mode: self.config.pool_mode(dbconf),
             size,
-            pool,
+            pool: build(size)?,
+            reserve,
+            reserve_timeout: dbconf
+                .reserve_pool_timeout
+                .unwrap_or(g.reserve_pool_timeout),
             wait_timeout: g.query_wait_timeout,
         });
         spawn_janitor(

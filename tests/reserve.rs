@@ -1,0 +1,106 @@
+//! The reserve pool: after `reserve_pool_timeout`, up to `reserve_pool_size` extra servers open
+//! for a busy pool, never more; idle reserve servers close again (`server_idle_timeout`).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+use floodgate::pgcluster::HbaAuth;
+
+async fn env() -> Env {
+    let opts = ProxyOpts {
+        auth_type: "md5",
+        pool_size: 2,
+        extra: vec![
+            "reserve_pool_size = 2".into(),
+            "reserve_pool_timeout = \"300ms\"".into(),
+            "server_idle_timeout = \"1s\"".into(),
+            "query_wait_timeout = \"60s\"".into(),
+        ],
+        ..ProxyOpts::default()
+    };
+    Env::start(HbaAuth::ScramSha256, opts).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_long_transactions_use_the_reserve_then_it_shrinks_back() {
+    let env = env().await;
+    let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| env.connect())).await;
+    // Four transactions held open at once: two main servers, then two reserve ones.
+    for (i, c) in clients.iter().enumerate() {
+        within("BEGIN", c.batch_execute("BEGIN; SELECT 1"))
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+    }
+    assert_eq!(env.backend_count().await, 4, "pool 2 + reserve 2");
+    // A fifth client waits: the cap is pool + reserve.
+    let fifth = env.connect().await;
+    let waiting = tokio::spawn(async move { fifth.batch_execute("SELECT 1").await.map(|_| fifth) });
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fifth server was found beyond pool + reserve"
+    );
+    assert_eq!(env.backend_count().await, 4);
+    for c in &clients {
+        within("COMMIT", c.batch_execute("COMMIT")).await.unwrap();
+    }
+    let fifth = within("the fifth client", waiting).await.unwrap().unwrap();
+
+    // Keep two clients busy on the main servers; the idle reserve servers close.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = clients
+        .into_iter()
+        .take(2)
+        .map(|c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    c.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
+                }
+            })
+        })
+        .collect();
+    wait_until("the pool shrinks back to 2 servers", || async {
+        env.backend_count().await == 2
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for b in busy {
+        within("busy client", b).await.unwrap();
+    }
+    drop(fifth);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_never_exceeds_pool_plus_reserve() {
+    let env = Arc::new(env().await);
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (env, done) = (env.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut max = 0;
+            while !done.load(Ordering::SeqCst) {
+                max = max.max(env.backend_count().await);
+            }
+            max
+        })
+    };
+    let clients = (0..100).map(|i| {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let c = env.connect().await;
+            c.batch_execute("BEGIN; SELECT pg_sleep(0.05); COMMIT")
+                .await
+                .map_err(|e| format!("client {i}: {e}"))
+        })
+    });
+    for r in within("100 clients", futures_util::future::join_all(clients)).await {
+        r.unwrap().unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let max = within("sampler", sampler).await.unwrap();
+    assert!(max <= 4, "{max} servers for a pool of 2 + reserve 2");
+}
