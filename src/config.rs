@@ -93,6 +93,10 @@ pub struct General {
     /// Named prepared statements kept per server connection in transaction mode (LRU);
     /// 0 turns tracking off (statements pass through as in session mode).
     pub max_prepared_statements: usize,
+    /// How many Floodgate processes run against the same databases (for the connection math).
+    pub instances: usize,
+    /// Largest share of a server's usable connections this configuration may take.
+    pub connection_budget: f64,
     /// Largest message a client may send, in bytes (the 5-byte header is checked before reading).
     pub max_packet_size: usize,
     #[serde(deserialize_with = "duration")]
@@ -142,6 +146,8 @@ impl Default for General {
             reserve_pool_timeout: Duration::from_secs(5),
             max_prepared_statements: 200,
             max_packet_size: 1_073_741_823,
+            instances: 1,
+            connection_budget: 0.7,
             query_wait_timeout: Duration::from_secs(120),
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
@@ -270,6 +276,11 @@ impl Config {
         }
         if !(g.client_conn_rate_per_ip >= 0.0 && g.client_conn_rate_per_ip.is_finite()) {
             return invalid("[floodgate] client_conn_rate_per_ip must be 0 (off) or a positive number of connections per second".into());
+        }
+        if !(g.connection_budget > 0.0 && g.connection_budget <= 1.0) {
+            return invalid(
+                "[floodgate] connection_budget must be a fraction in (0, 1], e.g. 0.7".into(),
+            );
         }
         if g.max_packet_size < 1024 {
             return invalid("[floodgate] max_packet_size must be at least 1024 bytes".into());

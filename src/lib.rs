@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod demo;

@@ -92,7 +92,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
     match (cli.command.unwrap_or(Command::Run), config) {
         (Command::Run, Some(config)) => run(config).await,
-        (Command::Check, Some(config)) => check(&config),
+        (Command::Check, Some(config)) => check(&config).await,
         (Command::Demo { listen }, _) => floodgate::demo::run(listen).await,
         (Command::Version, _) => {
             println!("floodgate {}", env!("CARGO_PKG_VERSION"));
@@ -104,6 +104,18 @@ async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     raise_open_files_limit(&config);
+    let math = config.clone();
+    tokio::spawn(async move {
+        // The same math as `floodgate check`, as a warning: the proxy runs either way.
+        match floodgate::check::connection_math(&math).await {
+            Ok(reports) => {
+                for r in reports.iter().filter(|r| r.over_budget()) {
+                    tracing::warn!("connection math: {r}");
+                }
+            }
+            Err(e) => tracing::warn!("connection math not done: {e}"),
+        }
+    });
     let proxy = floodgate::Proxy::start(config).await?;
     floodgate::shutdown_signal().await;
     tracing::info!("shutting down: no new clients; waiting for transactions in flight");
@@ -151,23 +163,30 @@ fn raise_open_files_limit(config: &Config) {
     }
 }
 
-/// Prints the pools and the most server connections they can open.
-fn check(config: &Config) -> anyhow::Result<()> {
+/// The connection math against every upstream; fails when a host is over `connection_budget`.
+async fn check(config: &Config) -> anyhow::Result<()> {
     println!("configuration is valid");
-    let users = config.users.len().max(1);
-    let mut total = 0;
+    let g = &config.floodgate;
     for (name, db) in &config.databases {
-        let size = config.pool_size(db);
-        // A pool per (database, user): without a fixed upstream user, every user may get one.
-        let pools = if db.user.is_some() { 1 } else { users };
-        total += size * pools;
+        let reserve = db.reserve_pool_size.unwrap_or(g.reserve_pool_size);
         println!(
-            "  [databases.{name}] {}:{} pool_size {size} x {pools} pool(s) = {} server connections",
+            "  [databases.{name}] {}:{} pool_size {} reserve_pool_size {reserve}",
             db.host,
             db.port,
-            size * pools
+            config.pool_size(db)
         );
     }
-    println!("at most {total} server connections in all");
+    let reports = floodgate::check::connection_math(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot do the connection math: {e}"))?;
+    for report in &reports {
+        println!("{report}");
+    }
+    let over = reports.iter().filter(|r| r.over_budget()).count();
+    if over > 0 {
+        anyhow::bail!(
+            "{over} upstream host(s) over connection_budget: lower pool sizes, reserve or instances, or raise max_connections"
+        );
+    }
     Ok(())
 }

@@ -143,6 +143,12 @@ impl ServerConn {
 
     /// Runs a simple query whose results nobody reads; records parameter changes.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), ApplyError> {
+        self.query_value(sql).await.map(|_| ())
+    }
+
+    /// Runs a simple query and returns the first column of its first row, if any.
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, ApplyError> {
+        let mut value = None;
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf).map_err(UpstreamError::Io)?;
         self.stream
@@ -176,10 +182,19 @@ impl ServerConn {
                     }
                 }
                 Message::ErrorResponse(body) => rejected = Some(crate::params::error_fields(&body)),
+                Message::DataRow(row) if value.is_none() => {
+                    use fallible_iterator::FallibleIterator;
+                    let buf = row.buffer();
+                    if let Ok(Some(Some(range))) = row.ranges().next() {
+                        value = buf
+                            .get(range)
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                    }
+                }
                 Message::ReadyForQuery(body) => {
                     return match rejected {
                         Some((code, message)) => Err(ApplyError::Rejected { code, message }),
-                        None if body.status() == b'I' => Ok(()),
+                        None if body.status() == b'I' => Ok(value),
                         None => Err(ApplyError::Rejected {
                             code: "XX000".into(),
                             message: "server left in a transaction by a reset query".into(),
