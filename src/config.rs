@@ -114,6 +114,9 @@ pub struct General {
     pub client_login_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub server_connect_timeout: Duration,
+    /// Longest back-off between login attempts after the upstream failed or refused.
+    #[serde(deserialize_with = "duration")]
+    pub server_login_retry: Duration,
     #[serde(deserialize_with = "duration")]
     pub server_idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -154,6 +157,7 @@ impl Default for General {
             client_idle_timeout: Duration::ZERO,
             client_login_timeout: Duration::from_secs(60),
             server_connect_timeout: Duration::from_secs(15),
+            server_login_retry: Duration::from_secs(15),
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),

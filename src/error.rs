@@ -28,6 +28,14 @@ pub enum UpstreamError {
     NoPassword { user: String, db: String },
     #[error("upstream server {addr} broke the protocol: {detail}")]
     Protocol { addr: String, detail: String },
+    #[error(
+        "upstream server {addr} failed recently ({last}); next attempt in {wait_ms} ms (server_login_retry)"
+    )]
+    RetryLater {
+        addr: String,
+        wait_ms: u64,
+        last: String,
+    },
     #[error("upstream connection lost: {0}")]
     Io(#[from] std::io::Error),
 }

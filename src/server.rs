@@ -45,6 +45,8 @@ pub struct ServerConn {
     pub params: Params,
     pub cancel: CancelTarget,
     pub created: Instant,
+    /// Replaced between transactions once this old (0 = never); set by the pool, with jitter.
+    pub lifetime: Duration,
     /// Named statements prepared on it by the proxy.
     pub statements: crate::protocol::prepared::ServerStatements,
     /// Set while a client holds it; a server returned to the pool still dirty (its client's task
@@ -93,6 +95,7 @@ impl ServerConn {
                 secret: done.secret,
             },
             created: Instant::now(),
+            lifetime: Duration::ZERO,
             statements: Default::default(),
             dirty: false,
         };

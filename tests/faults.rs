@@ -218,3 +218,68 @@ async fn graceful_shutdown_lets_a_transaction_in_flight_finish() {
         "1,2"
     );
 }
+
+/// While the upstream is down, failed logins back off (`server_login_retry`): clients get a clear
+/// error at once instead of each trying to connect, and recovery is automatic once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_back_off_and_recover() {
+    let opts = ProxyOpts {
+        pool_size: 2,
+        extra: vec!["server_login_retry = \"3s\"".into()],
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    // Log in once so the pool knows the server's parameters, then take the server away.
+    drop(env.connect().await);
+    let cluster = env.cluster.clone();
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let c = env.connect().await;
+    let first = within(
+        "a query while the upstream is down",
+        c.simple_query("SELECT 1"),
+    )
+    .await;
+    assert!(first.is_err(), "the upstream is down");
+    // Each failure doubles the back-off (from 100 ms): soon clients are answered from it.
+    wait_until("a client answered from the back-off", || async {
+        let c = env.connect().await;
+        match c.simple_query("SELECT 1").await {
+            Ok(_) => panic!("the upstream is down"),
+            Err(e) => db_message(&e).contains("server_login_retry"),
+        }
+    })
+    .await;
+    let cluster = env.cluster.clone();
+    tokio::task::spawn_blocking(move || cluster.restart())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until("queries succeed again", || async {
+        let c = env.connect().await;
+        c.simple_query("SELECT 1").await.is_ok()
+    })
+    .await;
+}
+
+/// Servers past `server_lifetime` are replaced between transactions, with no client error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lifetime_replaces_servers_without_client_errors() {
+    let opts = ProxyOpts {
+        pool_size: 2,
+        extra: vec!["server_lifetime = \"300ms\"".into()],
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    let c = env.connect().await;
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let pid = scalar(&c, "SELECT pg_backend_pid()").await;
+        backends.insert(pid);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(backends.len() > 2, "servers were replaced: {backends:?}");
+    assert!(env.backend_count().await <= 2);
+}

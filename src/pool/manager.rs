@@ -1,7 +1,7 @@
 //! Creates and checks server connections for one pool (deadpool's `Manager`).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
@@ -15,10 +15,59 @@ pub type ServerDefaults = Arc<Vec<(String, String)>>;
 pub struct Manager {
     pub login: Login,
     pub connect_timeout: Duration,
-    /// 0 = servers live for ever.
+    /// 0 = servers live for ever. Each server gets 90-100 % of it, so that servers opened
+    /// together are not all replaced together.
     pub lifetime: Duration,
+    /// Longest back-off after failed logins (`server_login_retry`).
+    pub login_retry: Duration,
     /// Filled from the first successful login and refreshed by later ones.
     pub defaults: Mutex<Option<ServerDefaults>>,
+    /// Recent failed logins: no new attempt before the back-off ends.
+    pub failures: Mutex<Option<Failures>>,
+}
+
+/// Consecutive failed logins to one upstream.
+pub struct Failures {
+    count: u32,
+    retry_at: Instant,
+    last: String,
+}
+
+/// First back-off after a failed login; it doubles with each further failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+impl Manager {
+    /// Fails fast while the upstream is backing off, so a flapping database is not hammered.
+    fn check_backoff(&self) -> Result<(), UpstreamError> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match &*failures {
+            Some(f) if Instant::now() < f.retry_at => Err(UpstreamError::RetryLater {
+                addr: self.login.addr.clone(),
+                wait_ms: f
+                    .retry_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+                last: f.last.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a failed login: the next attempt waits an exponential, jittered back-off capped
+    /// by `server_login_retry`.
+    fn record_failure(&self, error: &UpstreamError) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = failures.as_ref().map_or(0, |f| f.count) + 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (count - 1).min(16))
+            .min(self.login_retry);
+        let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        *failures = Some(Failures {
+            count,
+            retry_at: Instant::now() + jittered,
+            last: error.to_string(),
+        });
+    }
 }
 
 impl managed::Manager for Manager {
@@ -26,7 +75,17 @@ impl managed::Manager for Manager {
     type Error = UpstreamError;
 
     async fn create(&self) -> Result<ServerConn, UpstreamError> {
-        let (server, params) = ServerConn::connect(&self.login, self.connect_timeout).await?;
+        self.check_backoff()?;
+        let (mut server, params) =
+            match ServerConn::connect(&self.login, self.connect_timeout).await {
+                Ok(connected) => connected,
+                Err(e) => {
+                    self.record_failure(&e);
+                    return Err(e);
+                }
+            };
+        *self.failures.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        server.lifetime = self.lifetime.mul_f64(0.9 + rand::random::<f64>() / 10.0);
         tracing::debug!(addr = %self.login.addr, pid = server.cancel.pid, "server connection opened");
         if let Ok(mut d) = self.defaults.lock() {
             *d = Some(Arc::new(params));
@@ -43,7 +102,7 @@ impl managed::Manager for Manager {
         if !server.is_usable() {
             return Err(RecycleError::message("closed by the server"));
         }
-        if !self.lifetime.is_zero() && server.created.elapsed() >= self.lifetime {
+        if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
             return Err(RecycleError::message("server_lifetime reached"));
         }
         Ok(())

@@ -124,11 +124,12 @@ impl ServerPool {
     }
 
     /// Closes idle servers past `server_idle_timeout` or `server_lifetime`.
-    fn evict_idle(&self, idle_timeout: Duration, lifetime: Duration) {
+    fn evict_idle(&self, idle_timeout: Duration) {
         for pool in std::iter::once(&self.pool).chain(&self.reserve) {
             pool.retain(|server, metrics| {
                 let idle_ok = idle_timeout.is_zero() || metrics.last_used() < idle_timeout;
-                let age_ok = lifetime.is_zero() || server.created.elapsed() < lifetime;
+                let age_ok =
+                    server.lifetime.is_zero() || server.created.elapsed() < server.lifetime;
                 idle_ok && age_ok && server.is_usable()
             });
         }
@@ -185,7 +186,9 @@ impl Pools {
                 login: login.clone(),
                 connect_timeout: g.server_connect_timeout,
                 lifetime: g.server_lifetime,
+                login_retry: g.server_login_retry,
                 defaults: Mutex::new(None),
+                failures: Mutex::new(None),
             };
             Pool::builder(manager)
                 .max_size(size)
@@ -246,7 +249,7 @@ fn spawn_janitor(pool: std::sync::Weak<ServerPool>, idle: Duration, lifetime: Du
             if pool.pool.is_closed() {
                 return;
             }
-            pool.evict_idle(idle, lifetime);
+            pool.evict_idle(idle);
         }
     });
 }
