@@ -86,6 +86,8 @@ pub struct General {
     pub client_conn_burst_per_ip: usize,
     pub pool_mode: PoolMode,
     pub default_pool_size: usize,
+    /// Servers each pool keeps open even when idle (refilled when they close).
+    pub min_pool_size: usize,
     /// Extra servers per pool for clients that waited `reserve_pool_timeout`; 0 = none.
     pub reserve_pool_size: usize,
     #[serde(deserialize_with = "duration")]
@@ -145,6 +147,7 @@ impl Default for General {
             client_conn_burst_per_ip: 10,
             pool_mode: PoolMode::Transaction,
             default_pool_size: 20,
+            min_pool_size: 0,
             reserve_pool_size: 0,
             reserve_pool_timeout: Duration::from_secs(5),
             max_prepared_statements: 200,
@@ -209,6 +212,8 @@ pub struct Database {
     pub pool_size: Option<usize>,
     /// Overrides the global `pool_mode`.
     pub pool_mode: Option<PoolMode>,
+    /// Overrides the global `min_pool_size`.
+    pub min_pool_size: Option<usize>,
     /// Overrides the global `reserve_pool_size`.
     pub reserve_pool_size: Option<usize>,
     /// Overrides the global `reserve_pool_timeout`.

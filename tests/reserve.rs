@@ -104,3 +104,50 @@ async fn a_storm_never_exceeds_pool_plus_reserve() {
     let max = within("sampler", sampler).await.unwrap();
     assert!(max <= 4, "{max} servers for a pool of 2 + reserve 2");
 }
+
+/// `min_pool_size` servers stay open through idleness and are reopened when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_pool_size_keeps_servers_open_and_refills() {
+    let opts = ProxyOpts {
+        auth_type: "md5",
+        pool_size: 5,
+        extra: vec![
+            "min_pool_size = 3".into(),
+            "server_idle_timeout = \"1s\"".into(),
+        ],
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    // The pool exists from the first login; the janitor opens the rest of the minimum.
+    let c = env.connect().await;
+    wait_until("3 servers open", || async {
+        env.backend_count().await == 3
+    })
+    .await;
+    // Idle for longer than server_idle_timeout: the minimum stays.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        env.backend_count().await,
+        3,
+        "min_pool_size servers outlive server_idle_timeout"
+    );
+    // Servers killed from the database side are replaced by new ones.
+    let pids = "SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity \
+                WHERE usename = 'app' AND backend_type = 'client backend'";
+    let old = env.sql("app", pids).await;
+    env.sql(
+        "app",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE usename = 'app' AND backend_type = 'client backend'",
+    )
+    .await;
+    wait_until("3 new servers", || async {
+        let now = env.sql("app", pids).await;
+        let fresh = now
+            .split(',')
+            .filter(|p| !p.is_empty() && !old.split(',').any(|o| o == *p));
+        fresh.count() == 3
+    })
+    .await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+}

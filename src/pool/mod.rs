@@ -41,6 +41,8 @@ pub struct ServerPool {
     reserve: Option<Pool<Manager>>,
     reserve_timeout: Duration,
     wait_timeout: Duration,
+    /// Servers kept open even when idle (`min_pool_size`).
+    min_size: usize,
 }
 
 impl ServerPool {
@@ -123,15 +125,46 @@ impl ServerPool {
         self.pool.status().size + self.reserve.as_ref().map_or(0, |r| r.status().size)
     }
 
-    /// Closes idle servers past `server_idle_timeout` or `server_lifetime`.
+    /// Closes idle servers past `server_idle_timeout` (keeping `min_pool_size` open) or past
+    /// their lifetime, and dead ones.
     fn evict_idle(&self, idle_timeout: Duration) {
-        for pool in std::iter::once(&self.pool).chain(&self.reserve) {
+        for (pool, keep) in [
+            (Some(&self.pool), self.min_size),
+            (self.reserve.as_ref(), 0),
+        ] {
+            let Some(pool) = pool else { continue };
+            let mut may_idle_out = pool.status().size.saturating_sub(keep);
             pool.retain(|server, metrics| {
-                let idle_ok = idle_timeout.is_zero() || metrics.last_used() < idle_timeout;
-                let age_ok =
-                    server.lifetime.is_zero() || server.created.elapsed() < server.lifetime;
-                idle_ok && age_ok && server.is_usable()
+                let expired =
+                    !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime;
+                if expired || !server.is_usable() {
+                    return false;
+                }
+                let idle = !idle_timeout.is_zero() && metrics.last_used() >= idle_timeout;
+                if idle && may_idle_out > 0 {
+                    may_idle_out -= 1;
+                    return false;
+                }
+                true
             });
+        }
+    }
+
+    /// Opens servers until `min_pool_size` are open: takes that many at once without waiting
+    /// (which opens the missing ones) and gives them back.
+    async fn refill(&self) {
+        if self.pool.status().size >= self.min_size {
+            return;
+        }
+        let mut held = Vec::with_capacity(self.min_size);
+        while held.len() < self.min_size {
+            match self.try_checkout().await {
+                Ok(Some(mut server)) => {
+                    server.dirty = false;
+                    held.push(server);
+                }
+                _ => break, // busy (clients hold the rest) or the upstream is down
+            }
         }
     }
 
@@ -213,6 +246,7 @@ impl Pools {
                 .reserve_pool_timeout
                 .unwrap_or(g.reserve_pool_timeout),
             wait_timeout: g.query_wait_timeout,
+            min_size: dbconf.min_pool_size.unwrap_or(g.min_pool_size).min(size),
         });
         spawn_janitor(
             Arc::downgrade(&pool),
@@ -250,6 +284,7 @@ fn spawn_janitor(pool: std::sync::Weak<ServerPool>, idle: Duration, lifetime: Du
                 return;
             }
             pool.evict_idle(idle);
+            pool.refill().await;
         }
     });
 }
