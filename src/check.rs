@@ -15,7 +15,8 @@ use crate::server::ServerConn;
 pub struct HostReport {
     /// `host:port`.
     pub host: String,
-    /// Pool plus reserve, for every pool on this host, times `instances`.
+    /// Pool plus reserve, for every pool on this host (at most `max_db_connections` for a
+    /// database), times `instances`.
     pub worst_case: usize,
     pub max_connections: i64,
     pub superuser_reserved: i64,
@@ -69,7 +70,12 @@ fn worst_cases(config: &Config) -> BTreeMap<String, (usize, Login)> {
     let mut hosts: BTreeMap<String, (usize, Login)> = BTreeMap::new();
     for (name, db) in &config.databases {
         let per_pool = config.pool_size(db) + db.reserve_pool_size.unwrap_or(g.reserve_pool_size);
-        let total = per_pool * pools_per_database(config, db) * g.instances.max(1);
+        let mut per_instance = per_pool * pools_per_database(config, db);
+        let db_cap = db.max_db_connections.unwrap_or(g.max_db_connections);
+        if db_cap > 0 {
+            per_instance = per_instance.min(db_cap);
+        }
+        let total = per_instance * g.instances.max(1);
         let addr = format!("{}:{}", db.host, db.port);
         let user = db
             .user

@@ -88,6 +88,10 @@ pub struct General {
     pub default_pool_size: usize,
     /// Servers each pool keeps open even when idle (refilled when they close).
     pub min_pool_size: usize,
+    /// Server connections per database, all users together; 0 = no limit.
+    pub max_db_connections: usize,
+    /// Server connections per upstream user, all databases together; 0 = no limit.
+    pub max_user_connections: usize,
     /// Extra servers per pool for clients that waited `reserve_pool_timeout`; 0 = none.
     pub reserve_pool_size: usize,
     #[serde(deserialize_with = "duration")]
@@ -148,6 +152,8 @@ impl Default for General {
             pool_mode: PoolMode::Transaction,
             default_pool_size: 20,
             min_pool_size: 0,
+            max_db_connections: 0,
+            max_user_connections: 0,
             reserve_pool_size: 0,
             reserve_pool_timeout: Duration::from_secs(5),
             max_prepared_statements: 200,
@@ -214,6 +220,8 @@ pub struct Database {
     pub pool_mode: Option<PoolMode>,
     /// Overrides the global `min_pool_size`.
     pub min_pool_size: Option<usize>,
+    /// Overrides the global `max_db_connections`.
+    pub max_db_connections: Option<usize>,
     /// Overrides the global `reserve_pool_size`.
     pub reserve_pool_size: Option<usize>,
     /// Overrides the global `reserve_pool_timeout`.

@@ -36,6 +36,12 @@ pub enum UpstreamError {
         wait_ms: u64,
         last: String,
     },
+    #[error("{setting} ({max}) reached for {name} and no server connection became free in time")]
+    CapReached {
+        setting: &'static str,
+        name: String,
+        max: usize,
+    },
     #[error("upstream connection lost: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -49,6 +55,7 @@ impl UpstreamError {
             // proxy's configuration problem, not the client's.
             UpstreamError::Refused { code, .. } if !code.starts_with("28") => code.clone(),
             UpstreamError::Refused { .. } => "08004".into(),
+            UpstreamError::CapReached { .. } => sqlstate::TOO_MANY_CONNECTIONS.into(),
             _ => sqlstate::CONNECTION_FAILURE.into(),
         }
     }

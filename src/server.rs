@@ -47,6 +47,8 @@ pub struct ServerConn {
     pub created: Instant,
     /// Replaced between transactions once this old (0 = never); set by the pool, with jitter.
     pub lifetime: Duration,
+    /// Places held under shared caps (`max_db_connections`, `max_user_connections`).
+    pub permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// Named statements prepared on it by the proxy.
     pub statements: crate::protocol::prepared::ServerStatements,
     /// Set while a client holds it; a server returned to the pool still dirty (its client's task
@@ -96,6 +98,7 @@ impl ServerConn {
             },
             created: Instant::now(),
             lifetime: Duration::ZERO,
+            permits: Vec::new(),
             statements: Default::default(),
             dirty: false,
         };

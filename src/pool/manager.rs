@@ -20,10 +20,15 @@ pub struct Manager {
     pub lifetime: Duration,
     /// Longest back-off after failed logins (`server_login_retry`).
     pub login_retry: Duration,
-    /// Filled from the first successful login and refreshed by later ones.
-    pub defaults: Mutex<Option<ServerDefaults>>,
+    /// Filled from the first successful login and refreshed by later ones; shared by the pools
+    /// of one database, so a new user's first client need not wait for a server of its own.
+    pub defaults: Arc<Mutex<Option<ServerDefaults>>>,
     /// Recent failed logins: no new attempt before the back-off ends.
     pub failures: Mutex<Option<Failures>>,
+    /// Shared caps every server of this pool counts against.
+    pub caps: Vec<Arc<super::caps::Cap>>,
+    /// How long a new server may wait for room under a cap.
+    pub cap_wait: Duration,
 }
 
 /// Consecutive failed logins to one upstream.
@@ -76,6 +81,10 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<ServerConn, UpstreamError> {
         self.check_backoff()?;
+        let mut permits = Vec::with_capacity(self.caps.len());
+        for cap in &self.caps {
+            permits.push(cap.acquire(self.cap_wait).await?);
+        }
         let (mut server, params) =
             match ServerConn::connect(&self.login, self.connect_timeout).await {
                 Ok(connected) => connected,
@@ -86,6 +95,7 @@ impl managed::Manager for Manager {
             };
         *self.failures.lock().unwrap_or_else(|e| e.into_inner()) = None;
         server.lifetime = self.lifetime.mul_f64(0.9 + rand::random::<f64>() / 10.0);
+        server.permits = permits;
         tracing::debug!(addr = %self.login.addr, pid = server.cancel.pid, "server connection opened");
         if let Ok(mut d) = self.defaults.lock() {
             *d = Some(Arc::new(params));

@@ -1,6 +1,7 @@
 //! Server pools, one per (database, user): a hard cap, a FIFO queue, and servers handed out for
 //! one transaction (or one session) at a time.
 
+pub mod caps;
 pub mod manager;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::auth::UserStore;
 use crate::auth::upstream::Login;
 use crate::config::{Config, PoolMode};
 use crate::error::UpstreamError;
+use caps::Cap;
 pub use manager::{Manager, ServerDefaults};
 
 /// A checked-out server; dropping it returns the server to its pool.
@@ -150,6 +152,21 @@ impl ServerPool {
         }
     }
 
+    /// Closes one idle server (to make room under a shared cap); `true` if it did.
+    fn close_one_idle(&self) -> bool {
+        let mut closed = false;
+        for pool in std::iter::once(&self.pool).chain(&self.reserve) {
+            pool.retain(|_, _| {
+                if closed {
+                    return true;
+                }
+                closed = true;
+                false
+            });
+        }
+        closed
+    }
+
     /// Opens servers until `min_pool_size` are open: takes that many at once without waiting
     /// (which opens the missing ones) and gives them back.
     async fn refill(&self) {
@@ -181,6 +198,10 @@ pub struct Pools {
     config: Arc<Config>,
     users: Arc<UserStore>,
     pools: Mutex<HashMap<(String, String), Arc<ServerPool>>>,
+    /// `max_db_connections` by database, `max_user_connections` by upstream user.
+    caps: Mutex<HashMap<(&'static str, String), Arc<Cap>>>,
+    /// Server parameters by upstream database (`host:port/dbname`), shared by its pools.
+    defaults: Mutex<HashMap<String, Arc<Mutex<Option<ServerDefaults>>>>>,
 }
 
 impl Pools {
@@ -189,7 +210,21 @@ impl Pools {
             config,
             users,
             pools: Mutex::new(HashMap::new()),
+            caps: Mutex::new(HashMap::new()),
+            defaults: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The shared cap `setting` for `name`, if `max` > 0.
+    fn cap(&self, setting: &'static str, name: &str, max: usize) -> Option<Arc<Cap>> {
+        if max == 0 {
+            return None;
+        }
+        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        let cap = caps
+            .entry((setting, name.to_owned()))
+            .or_insert_with(|| Arc::new(Cap::new(setting, name, max)));
+        Some(cap.clone())
     }
 
     /// The pool for database `db` (the name clients ask for) and client user `user`; `None` when
@@ -207,6 +242,33 @@ impl Pools {
             let secrets = self.users.get(user)?;
             secrets.plain.clone().or_else(|| secrets.md5.clone())
         });
+        let defaults = self
+            .defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(format!(
+                "{}:{}/{}",
+                dbconf.host,
+                dbconf.port,
+                dbconf.dbname.as_deref().unwrap_or(db)
+            ))
+            .or_default()
+            .clone();
+        let caps: Vec<Arc<Cap>> = [
+            self.cap(
+                "max_db_connections",
+                db,
+                dbconf.max_db_connections.unwrap_or(g.max_db_connections),
+            ),
+            self.cap(
+                "max_user_connections",
+                &upstream_user,
+                g.max_user_connections,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let login = Login {
             addr: format!("{}:{}", dbconf.host, dbconf.port),
             user: upstream_user,
@@ -220,7 +282,12 @@ impl Pools {
                 connect_timeout: g.server_connect_timeout,
                 lifetime: g.server_lifetime,
                 login_retry: g.server_login_retry,
-                defaults: Mutex::new(None),
+                caps: caps.clone(),
+                cap_wait: match g.query_wait_timeout {
+                    d if d.is_zero() => Duration::from_secs(3600),
+                    d => d,
+                },
+                defaults: defaults.clone(),
                 failures: Mutex::new(None),
             };
             Pool::builder(manager)
@@ -248,6 +315,9 @@ impl Pools {
             wait_timeout: g.query_wait_timeout,
             min_size: dbconf.min_pool_size.unwrap_or(g.min_pool_size).min(size),
         });
+        for cap in &caps {
+            cap.add_pool(Arc::downgrade(&pool));
+        }
         spawn_janitor(
             Arc::downgrade(&pool),
             g.server_idle_timeout,
