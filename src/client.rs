@@ -526,6 +526,9 @@ impl Session {
         match outcome {
             Outcome::Released => {
                 server.dirty = false;
+                drop(server);
+                stream.write_all(&self.sbuf).await?;
+                self.sbuf.clear();
                 Ok(true)
             }
             Outcome::ClientGone(left) => {

@@ -64,7 +64,8 @@ impl Default for TxState {
 /// How a relay ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Transaction mode: the transaction is over and the server can serve someone else.
+    /// Transaction mode: the transaction is over and the server can serve someone else. The
+    /// client's buffer may still hold the server's last answers, to be written to the client.
     Released,
     /// The client sent Terminate or went away.
     ClientGone(Abandoned),
@@ -292,13 +293,15 @@ impl Relay<'_> {
                 return Outcome::ClientGone(abandoned(tx, &up, &down));
             }
             // Released between transactions, unless the client has begun its next message (a
-            // message held back until whole counts: it is not scanned yet).
+            // message held back until whole counts: it is not scanned yet). The server's last
+            // answers may still be on their way to the client: the session writes them after
+            // giving the server back, so a slow reader never holds a server.
             if release_when_idle
                 && tx.is_idle()
                 && up.sent_all()
                 && cbuf.len() < HEADER_LEN
-                && down.sent_all()
-                && sbuf.is_empty()
+                && down.scanner.at_boundary()
+                && down.ready == sbuf.len()
             {
                 return Outcome::Released;
             }

@@ -93,10 +93,12 @@ async fn psql_runs_queries_through_the_proxy() {
     );
 }
 
-/// pgbench -i directly against PostgreSQL, then a run through the proxy in `mode`.
-async fn pgbench_through_proxy(mode: &str) {
+/// pgbench -i directly against PostgreSQL, then a run through the proxy in `mode`, with `extra`
+/// `[floodgate]` settings.
+async fn pgbench_through_proxy(mode: &str, extra: &[&str]) {
     let opts = ProxyOpts {
         pool_size: 3,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
         ..ProxyOpts::default()
     };
     let env = Env::start(HbaAuth::ScramSha256, opts).await;
@@ -144,10 +146,16 @@ async fn pgbench_through_proxy(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_simple_protocol_through_the_proxy() {
-    pgbench_through_proxy("simple").await;
+    pgbench_through_proxy("simple", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_extended_protocol_through_the_proxy() {
-    pgbench_through_proxy("extended").await;
+    pgbench_through_proxy("extended", &[]).await;
+}
+
+/// Servers reaching `server_lifetime` mid-run are replaced between transactions: no client error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_with_a_short_server_lifetime_has_no_errors() {
+    pgbench_through_proxy("extended", &["server_lifetime = \"100ms\""]).await;
 }

@@ -88,16 +88,16 @@ async fn a_storm_never_exceeds_pool_plus_reserve() {
             max
         })
     };
-    let clients = (0..100).map(|i| {
+    let clients = (0..1000).map(|i| {
         let env = env.clone();
         tokio::spawn(async move {
             let c = env.connect().await;
-            c.batch_execute("BEGIN; SELECT pg_sleep(0.05); COMMIT")
+            c.batch_execute("BEGIN; SELECT pg_sleep(0.01); COMMIT")
                 .await
                 .map_err(|e| format!("client {i}: {e}"))
         })
     });
-    for r in within("100 clients", futures_util::future::join_all(clients)).await {
+    for r in within("1000 clients", futures_util::future::join_all(clients)).await {
         r.unwrap().unwrap();
     }
     done.store(true, Ordering::SeqCst);

@@ -128,3 +128,50 @@ async fn client_idle_timeout_closes_idle_clients() {
         assert_eq!(until_ready(&mut busy, "a busy client's query").await, None);
     }
 }
+
+/// `client_login_timeout`: a socket that never sends a byte is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_login_timeout_closes_silent_sockets() {
+    let env = env(1, &["client_login_timeout = \"1s\""]).await;
+    let mut silent = raw_connect(env.addr()).await;
+    expect_fatal(&mut silent, "08P01", "client_login_timeout").await;
+    // Logging in normally is not affected.
+    let c = env.connect().await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+}
+
+/// `server_connect_timeout`: an upstream that accepts but never answers gives the waiting client
+/// a clear 08006 instead of a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connect_timeout_bounds_a_silent_upstream() {
+    // Accepted by the kernel (backlog) but never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let toml = format!(
+        "[floodgate]\nlisten = \"127.0.0.1:0\"\nauth_type = \"trust\"\n\
+         server_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"secret\"\n\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n"
+    );
+    let proxy = start_proxy(&toml).await;
+    let mut raw = raw_connect(proxy.local_addr()).await;
+    let startup = startup_message(&[("user", "app"), ("database", "app")]);
+    send_raw(&mut raw, &startup).await;
+    let fields = within("the error (after about 1 s)", async {
+        loop {
+            match read_message(&mut raw).await {
+                Incoming::Message(b'E', body) => return error_fields(&body),
+                Incoming::Message(..) => {}
+                Incoming::Closed => panic!("closed without an error"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some("08006"),
+        "{fields:?}"
+    );
+    let message = fields.get(&'M').cloned().unwrap_or_default();
+    assert!(message.contains("timed out connecting"), "{message}");
+    drop(silent);
+}
