@@ -7,9 +7,11 @@
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+
+use tokio::time::{Instant, Sleep};
 
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
@@ -207,8 +209,9 @@ impl Relay<'_> {
             timeouts,
             cancel,
         } = self;
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
+        // Made only when a timeout is configured: the default relay has no timer to keep.
+        let timed = !timeouts.query.is_zero() || !timeouts.idle_transaction.is_zero();
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
         let mut armed: Option<Armed> = None;
         let mut tx = TxState::new();
         let mut up = Flow::new(max_packet_size);
@@ -268,7 +271,9 @@ impl Relay<'_> {
                             answered,
                             cancelled: true,
                         });
-                        timer.as_mut().reset(Instant::now() + CANCEL_GRACE);
+                        if let Some(t) = timer.as_mut() {
+                            t.as_mut().reset(Instant::now() + CANCEL_GRACE);
+                        }
                     }
                     Some(Armed::Query {
                         cancelled: true, ..
@@ -305,8 +310,10 @@ impl Relay<'_> {
             {
                 return Outcome::Released;
             }
-            let owed = !tracker.is_idle();
-            rearm(&mut armed, timer.as_mut(), &tx, owed, &up, timeouts);
+            if timed {
+                let owed = !tracker.is_idle();
+                rearm(&mut armed, &mut timer, &tx, owed, &up, timeouts);
+            }
             // Both directions at once: a client that pipelines without reading its results
             // cannot wedge the proxy between two full socket buffers.
             let (mut cr, mut cw) = client.split();
@@ -331,7 +338,9 @@ impl Relay<'_> {
                 biased;
                 e = s2c => e,
                 e = c2s => e,
-                _ = &mut timer, if armed.is_some() => Event::Timer,
+                _ = async { if let Some(t) = timer.as_mut() { t.await } }, if armed.is_some() => {
+                    Event::Timer
+                }
             };
         }
     }
@@ -341,7 +350,7 @@ impl Relay<'_> {
 /// off (the default) this never touches the timer.
 fn rearm(
     armed: &mut Option<Armed>,
-    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
     tx: &TxState,
     responses_owed: bool,
     up: &Flow,
@@ -370,11 +379,19 @@ fn rearm(
     };
     if next != *armed {
         match next {
-            Some(Armed::Query { since, .. }) => timer.reset(since + t.query),
-            Some(Armed::IdleTransaction { since }) => timer.reset(since + t.idle_transaction),
+            Some(Armed::Query { since, .. }) => set_timer(timer, since + t.query),
+            Some(Armed::IdleTransaction { since }) => set_timer(timer, since + t.idle_transaction),
             None => {}
         }
         *armed = next;
+    }
+}
+
+/// Points the relay's timer at `deadline`, making it on first use.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant) {
+    match timer {
+        Some(t) => t.as_mut().reset(deadline),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
     }
 }
 
