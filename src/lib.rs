@@ -1,12 +1,15 @@
 //! Floodgate: a transaction-pooling PostgreSQL proxy.
 //!
 //! Data flows one way and back, one module per step:
-//! [`proxy`] accepts → [`client`] logs the client in ([`protocol::startup`], [`auth`]) and runs
-//! its transaction loop → [`pool`] checks a server out (cap, FIFO queue) → [`server`] is the
-//! upstream connection, logged in by [`auth::upstream`] → [`relay`] forwards bytes both ways,
-//! framed by [`protocol::frame`], until the transaction ends → the server goes back to the pool
-//! (or through [`reset`] first when its client left it dirty). [`params`] keeps each client's
-//! session parameters, [`cancel`] routes cancel requests, [`config`] is the TOML file.
+//! [`proxy`] accepts (and applies [`limits`]) → [`client`] logs the client in
+//! ([`protocol::startup`], [`auth::client`]) and runs its transaction loop → [`pool`] checks a
+//! server out (cap, FIFO queue, reserve, shared caps) → [`server`] is the upstream connection,
+//! logged in by [`auth::upstream`] → [`relay`] forwards bytes both ways, framed by
+//! [`protocol::frame`], with [`protocol::pipeline`] matching answers to requests (and
+//! [`protocol::prepared`] keeping named statements working), until the transaction ends → the
+//! server goes back to the pool (or through [`reset`] first when its client left it dirty).
+//! [`params`] keeps each client's session parameters, [`cancel`] routes cancel requests,
+//! [`check`] does the connection math, [`config`] is the TOML file.
 
 pub mod auth;
 pub mod cancel;

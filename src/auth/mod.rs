@@ -1,6 +1,7 @@
 //! Authentication: clients logging in to the proxy (md5, SCRAM-SHA-256 server side) and the proxy
 //! logging in to PostgreSQL (upstream).
 
+pub mod client;
 pub mod md5;
 pub mod scram;
 pub mod upstream;
