@@ -142,7 +142,7 @@ async fn drain(
                 end,
             } => {
                 state.pending -= 1;
-                state.status = buf[start + HEADER_LEN];
+                state.status = buf.get(start + HEADER_LEN).copied().unwrap_or(b'I');
                 pos = end;
             }
             Item::Message { end, .. } => pos = end,
