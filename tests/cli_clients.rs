@@ -4,55 +4,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Output};
 
 use common::*;
 use floodgate::pgcluster::HbaAuth;
-
-/// Runs a libpq tool with a clean PG* environment plus `PGPASSWORD=secret`.
-async fn run(program: &'static str, args: Vec<String>) -> Output {
-    let line = format!("{program} {}", args.join(" "));
-    let out = within(
-        &line.clone(),
-        tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(program);
-            for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("PG")) {
-                cmd.env_remove(var);
-            }
-            cmd.args(&args)
-                .env("PGPASSWORD", "secret")
-                .env("PGCONNECT_TIMEOUT", "30")
-                .output()
-        }),
-    )
-    .await
-    .unwrap();
-    out.unwrap_or_else(|e| panic!("cannot run `{line}`: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn host_port(addr: SocketAddr) -> Vec<String> {
-    vec![
-        "-h".into(),
-        addr.ip().to_string(),
-        "-p".into(),
-        addr.port().to_string(),
-    ]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_runs_queries_through_the_proxy() {
     let env = Env::start(HbaAuth::ScramSha256, ProxyOpts::default()).await;
     let url = format!("postgres://app:secret@127.0.0.1:{}/app", env.addr().port());
-    let out = run(
+    let out = run_tool(
         "psql",
         vec![
             url.clone(),
@@ -63,12 +23,12 @@ async fn psql_runs_queries_through_the_proxy() {
         ],
     )
     .await;
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", tool_text(&out));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "1",
         "{}",
-        text(&out)
+        tool_text(&out)
     );
 
     let script = "BEGIN; CREATE TABLE p (x int); INSERT INTO p SELECT generate_series(1, 100); COMMIT; \
@@ -82,14 +42,14 @@ async fn psql_runs_queries_through_the_proxy() {
         "-c".into(),
         script.into(),
     ];
-    let out = run("psql", args).await;
-    assert!(out.status.success(), "{}", text(&out));
+    let out = run_tool("psql", args).await;
+    assert!(out.status.success(), "{}", tool_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .ends_with("5050"),
         "{}",
-        text(&out)
+        tool_text(&out)
     );
 }
 
@@ -109,8 +69,8 @@ async fn pgbench_through_proxy(mode: &str, extra: &[&str]) {
     let mut init = vec!["-i".into(), "-q".into(), "-U".into(), "app".into()];
     init.extend(host_port(upstream));
     init.push("app".into());
-    let out = run("pgbench", init).await;
-    assert!(out.status.success(), "pgbench -i: {}", text(&out));
+    let out = run_tool("pgbench", init).await;
+    assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
 
     let mut bench: Vec<String> = [
         "-M", mode, "-c", "10", "-j", "2", "-t", "50", "-n", "-U", "app",
@@ -119,8 +79,8 @@ async fn pgbench_through_proxy(mode: &str, extra: &[&str]) {
     .to_vec();
     bench.extend(host_port(env.addr()));
     bench.push("app".into());
-    let out = run("pgbench", bench).await;
-    let report = text(&out);
+    let out = run_tool("pgbench", bench).await;
+    let report = tool_text(&out);
     assert!(out.status.success(), "pgbench -M {mode}: {report}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -6,18 +6,8 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use floodgate::pgcluster::HbaAuth;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-
-async fn env(extra: &[&str]) -> Env {
-    let opts = ProxyOpts {
-        auth_type: "trust",
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-        ..ProxyOpts::default()
-    };
-    Env::start(HbaAuth::ScramSha256, opts).await
-}
 
 /// A raw connection to the proxy from source address `from` (any of 127.0.0.0/8).
 async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
@@ -68,7 +58,7 @@ fn assert_refused(result: Result<(), std::collections::BTreeMap<char, String>>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_connection_cap() {
-    let env = env(&["max_client_conn_per_ip = 2"]).await;
+    let env = trust_env(5, &["max_client_conn_per_ip = 2"]).await;
     let mut a = connect_from([127, 0, 0, 1], env.addr()).await;
     let mut b = connect_from([127, 0, 0, 1], env.addr()).await;
     login(&mut a).await.expect("first client from the IP");
@@ -89,10 +79,13 @@ async fn per_ip_connection_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_connection_rate() {
-    let env = env(&[
-        "client_conn_rate_per_ip = 0.5",
-        "client_conn_burst_per_ip = 3",
-    ])
+    let env = trust_env(
+        5,
+        &[
+            "client_conn_rate_per_ip = 0.5",
+            "client_conn_burst_per_ip = 3",
+        ],
+    )
     .await;
     for i in 0..3 {
         let mut c = connect_from([127, 0, 0, 1], env.addr()).await;
@@ -116,7 +109,7 @@ async fn per_ip_connection_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_database_and_per_user_client_caps() {
-    let env = env(&["max_db_client_connections = 2"]).await;
+    let env = trust_env(5, &["max_db_client_connections = 2"]).await;
     let a = env.connect().await;
     let _b = env.connect().await;
     let mut c = raw_connect(env.addr()).await;
@@ -133,7 +126,7 @@ async fn per_database_and_per_user_client_caps() {
     })
     .await;
 
-    let env = self::env(&["max_user_client_connections = 1"]).await;
+    let env = self::trust_env(5, &["max_user_client_connections = 1"]).await;
     let _a = env.connect().await;
     let mut b = raw_connect(env.addr()).await;
     assert_refused(login(&mut b).await, "max_user_client_connections");

@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -493,45 +492,6 @@ async fn tokio_postgres_prepare_and_query_with_many_concurrent_clients() {
         env.backend_count().await <= 3,
         "pool of 3 exceeded upstream"
     );
-}
-
-/// Runs a libpq tool with a clean PG* environment.
-async fn run_tool(program: &'static str, args: Vec<String>) -> Output {
-    let line = format!("{program} {}", args.join(" "));
-    let out = within(
-        &line.clone(),
-        tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(program);
-            for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("PG")) {
-                cmd.env_remove(var);
-            }
-            cmd.args(&args)
-                .env("PGPASSWORD", "secret")
-                .env("PGCONNECT_TIMEOUT", "30")
-                .output()
-        }),
-    )
-    .await
-    .unwrap();
-    out.unwrap_or_else(|e| panic!("cannot run `{line}`: {e}"))
-}
-
-fn tool_text(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn host_port(addr: SocketAddr) -> Vec<String> {
-    vec![
-        "-h".into(),
-        addr.ip().to_string(),
-        "-p".into(),
-        addr.port().to_string(),
-    ]
 }
 
 /// `pgbench -M prepared -c 20 -j 2 -t 50` (plus `extra`) through the proxy must process every

@@ -11,18 +11,6 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
-/// A proxy with `auth_type = "trust"` (so raw sockets can log in) and a pool of `pool_size`,
-/// plus `extra` lines for `[floodgate]`, in front of a SCRAM upstream.
-async fn trust_env(pool_size: usize, extra: &[&str]) -> Env {
-    let opts = ProxyOpts {
-        auth_type: "trust",
-        pool_size,
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-        ..ProxyOpts::default()
-    };
-    Env::start(HbaAuth::ScramSha256, opts).await
-}
-
 /// Creates table `name (id int)` owned by `app`.
 async fn create_table(env: &Env, name: &str) {
     env.sql(
@@ -69,10 +57,6 @@ fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    message(b'Q', &cstr(sql))
 }
 
 /// Parse of an unnamed statement without parameter types.
@@ -208,7 +192,7 @@ async fn client_vanishing_mid_copy_in_leaves_nothing_behind() {
     create_table(&env, "cp").await;
 
     let mut raw = raw_login_trust(env.addr()).await;
-    send_raw(&mut raw, &query("COPY cp FROM STDIN")).await;
+    send_raw(&mut raw, &query_message("COPY cp FROM STDIN")).await;
     read_until(&mut raw, b'G', "CopyInResponse").await;
     for row in ["1\n", "2\n", "3\n"] {
         send_raw(&mut raw, &message(b'd', row.as_bytes())).await;
@@ -327,7 +311,7 @@ async fn terminate_before_sync_commits_nothing_as_on_postgres() {
 async fn orphaned_long_query_is_cancelled_for_the_next_client() {
     let env = trust_env(1, &[]).await;
     let mut raw = raw_login_trust(env.addr()).await;
-    send_raw(&mut raw, &query("SELECT pg_sleep(30)")).await;
+    send_raw(&mut raw, &query_message("SELECT pg_sleep(30)")).await;
     let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' \
                     AND query = 'SELECT pg_sleep(30)' AND state = 'active'";
     wait_until("pg_sleep(30) runs upstream", || async {
@@ -393,7 +377,7 @@ async fn queued_client_that_disconnects_leaves_the_queue() {
         .expect("A: BEGIN");
 
     let mut b = raw_login_trust(env.addr()).await;
-    send_raw(&mut b, &query("SELECT 'b'")).await;
+    send_raw(&mut b, &query_message("SELECT 'b'")).await;
     // Pacing, not an assertion: give the proxy time to read B's query and queue it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(b);

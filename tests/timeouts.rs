@@ -5,23 +5,6 @@
 mod common;
 
 use common::*;
-use floodgate::pgcluster::HbaAuth;
-
-async fn env(pool_size: usize, extra: &[&str]) -> Env {
-    let opts = ProxyOpts {
-        auth_type: "trust",
-        pool_size,
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-        ..ProxyOpts::default()
-    };
-    Env::start(HbaAuth::ScramSha256, opts).await
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    message(b'Q', &body)
-}
 
 /// Reads messages until ReadyForQuery; returns the ErrorResponse fields seen, if any.
 async fn until_ready(
@@ -64,9 +47,9 @@ async fn expect_fatal(stream: &mut tokio::net::TcpStream, code: &str, setting: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_cancels_the_query_and_the_session_goes_on() {
-    let env = env(1, &["query_timeout = \"1s\""]).await;
+    let env = trust_env(1, &["query_timeout = \"1s\""]).await;
     let mut raw = raw_login_trust(env.addr()).await;
-    send_raw(&mut raw, &query("SELECT pg_sleep(30)")).await;
+    send_raw(&mut raw, &query_message("SELECT pg_sleep(30)")).await;
     let error = until_ready(&mut raw, "the cancelled query (well before 30 s)").await;
     let error = error.expect("an error for the cancelled query");
     assert_eq!(
@@ -74,7 +57,7 @@ async fn query_timeout_cancels_the_query_and_the_session_goes_on() {
         Some("57014"),
         "{error:?}"
     );
-    send_raw(&mut raw, &query("SELECT 1")).await;
+    send_raw(&mut raw, &query_message("SELECT 1")).await;
     assert_eq!(
         until_ready(&mut raw, "the next query").await,
         None,
@@ -87,14 +70,18 @@ async fn query_timeout_cancels_the_query_and_the_session_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_transaction_timeout_ends_the_client_and_frees_the_server() {
-    let env = env(1, &["idle_transaction_timeout = \"1s\""]).await;
+    let env = trust_env(1, &["idle_transaction_timeout = \"1s\""]).await;
     env.sql(
         "app",
         "CREATE TABLE idle_tx (id int); ALTER TABLE idle_tx OWNER TO app",
     )
     .await;
     let mut raw = raw_login_trust(env.addr()).await;
-    send_raw(&mut raw, &query("BEGIN; INSERT INTO idle_tx VALUES (1)")).await;
+    send_raw(
+        &mut raw,
+        &query_message("BEGIN; INSERT INTO idle_tx VALUES (1)"),
+    )
+    .await;
     assert_eq!(until_ready(&mut raw, "BEGIN").await, None);
     // The client now sits inside the transaction.
     expect_fatal(&mut raw, "25P03", "idle_transaction_timeout").await;
@@ -109,7 +96,7 @@ async fn idle_transaction_timeout_ends_the_client_and_frees_the_server() {
     // Idle outside a transaction is not affected by this timeout.
     let mut idle = raw_login_trust(env.addr()).await;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    send_raw(&mut idle, &query("SELECT 1")).await;
+    send_raw(&mut idle, &query_message("SELECT 1")).await;
     assert_eq!(
         until_ready(&mut idle, "a query after idling outside a transaction").await,
         None
@@ -118,13 +105,13 @@ async fn idle_transaction_timeout_ends_the_client_and_frees_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_idle_timeout_closes_idle_clients() {
-    let env = env(2, &["client_idle_timeout = \"1s\""]).await;
+    let env = trust_env(2, &["client_idle_timeout = \"1s\""]).await;
     let mut raw = raw_login_trust(env.addr()).await;
     expect_fatal(&mut raw, "57P05", "client_idle_timeout").await;
     // A client that keeps working is not closed.
     let mut busy = raw_login_trust(env.addr()).await;
     for _ in 0..4 {
-        send_raw(&mut busy, &query("SELECT pg_sleep(0.4)")).await;
+        send_raw(&mut busy, &query_message("SELECT pg_sleep(0.4)")).await;
         assert_eq!(until_ready(&mut busy, "a busy client's query").await, None);
     }
 }
@@ -132,7 +119,7 @@ async fn client_idle_timeout_closes_idle_clients() {
 /// `client_login_timeout`: a socket that never sends a byte is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_login_timeout_closes_silent_sockets() {
-    let env = env(1, &["client_login_timeout = \"1s\""]).await;
+    let env = trust_env(1, &["client_login_timeout = \"1s\""]).await;
     let mut silent = raw_connect(env.addr()).await;
     expect_fatal(&mut silent, "08P01", "client_login_timeout").await;
     // Logging in normally is not affected.

@@ -119,6 +119,25 @@ pub fn proxy_toml(cluster: &PgCluster, opts: &ProxyOpts) -> String {
     toml
 }
 
+/// A proxy with `auth_type = "trust"` (so raw sockets can log in) and a pool of `pool_size`,
+/// plus `extra` lines for `[floodgate]`, in front of a SCRAM upstream.
+pub async fn trust_env(pool_size: usize, extra: &[&str]) -> Env {
+    let opts = ProxyOpts {
+        auth_type: "trust",
+        pool_size,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..ProxyOpts::default()
+    };
+    Env::start(HbaAuth::ScramSha256, opts).await
+}
+
+/// A simple Query message.
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
 /// Starts a proxy from configuration text.
 pub async fn start_proxy(toml: &str) -> Proxy {
     init_tracing();
@@ -474,4 +493,49 @@ pub async fn send_raw(stream: &mut TcpStream, bytes: &[u8]) {
         Err(e) if is_close(&e) => {}
         Err(e) => panic!("sending to the proxy: {e}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// libpq command-line tools (psql, pgbench).
+// ---------------------------------------------------------------------------------------------
+
+/// Runs a libpq tool with a clean PG* environment plus `PGPASSWORD=secret`.
+pub async fn run_tool(program: &'static str, args: Vec<String>) -> std::process::Output {
+    let line = format!("{program} {}", args.join(" "));
+    let out = within(
+        &line.clone(),
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(program);
+            for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("PG")) {
+                cmd.env_remove(var);
+            }
+            cmd.args(&args)
+                .env("PGPASSWORD", "secret")
+                .env("PGCONNECT_TIMEOUT", "30")
+                .output()
+        }),
+    )
+    .await
+    .unwrap();
+    out.unwrap_or_else(|e| panic!("cannot run `{line}`: {e}"))
+}
+
+/// A tool's exit status and output, for assertion messages.
+pub fn tool_text(out: &std::process::Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `-h HOST -p PORT` for a libpq tool.
+pub fn host_port(addr: SocketAddr) -> Vec<String> {
+    vec![
+        "-h".into(),
+        addr.ip().to_string(),
+        "-p".into(),
+        addr.port().to_string(),
+    ]
 }
