@@ -39,21 +39,7 @@ async fn login(stream: &mut TcpStream) -> Result<(), std::collections::BTreeMap<
 
 fn assert_refused(result: Result<(), std::collections::BTreeMap<char, String>>, setting: &str) {
     let fields = result.expect_err("the client over the limit is refused");
-    assert_eq!(
-        fields.get(&'C').map(String::as_str),
-        Some("53300"),
-        "{fields:?}"
-    );
-    assert_eq!(
-        fields.get(&'S').map(String::as_str),
-        Some("FATAL"),
-        "{fields:?}"
-    );
-    let message = fields.get(&'M').cloned().unwrap_or_default();
-    assert!(
-        message.contains(setting),
-        "message names {setting}: {message}"
-    );
+    assert_fatal_naming(&fields, "53300", setting);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,21 +28,7 @@ async fn until_ready(
 /// The next message must be a FATAL with `code`, then the connection closes.
 async fn expect_fatal(stream: &mut tokio::net::TcpStream, code: &str, setting: &str) {
     let fields = expect_error_then_close(stream, setting).await;
-    assert_eq!(
-        fields.get(&'C').map(String::as_str),
-        Some(code),
-        "{fields:?}"
-    );
-    assert_eq!(
-        fields.get(&'S').map(String::as_str),
-        Some("FATAL"),
-        "{fields:?}"
-    );
-    let message = fields.get(&'M').cloned().unwrap_or_default();
-    assert!(
-        message.contains(setting),
-        "the message names {setting}: {message}"
-    );
+    assert_fatal_naming(&fields, code, setting);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,6 +131,25 @@ pub async fn trust_env(pool_size: usize, extra: &[&str]) -> Env {
     Env::start(HbaAuth::ScramSha256, opts).await
 }
 
+/// Asserts an ErrorResponse is FATAL with SQLSTATE `code` and a message naming `setting`.
+pub fn assert_fatal_naming(fields: &BTreeMap<char, String>, code: &str, setting: &str) {
+    assert_eq!(
+        fields.get(&'C').map(String::as_str),
+        Some(code),
+        "{fields:?}"
+    );
+    assert_eq!(
+        fields.get(&'S').map(String::as_str),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    let message = fields.get(&'M').cloned().unwrap_or_default();
+    assert!(
+        message.contains(setting),
+        "the message names {setting}: {message}"
+    );
+}
+
 /// A simple Query message.
 pub fn query_message(sql: &str) -> Vec<u8> {
     let mut body = sql.as_bytes().to_vec();
