@@ -102,14 +102,15 @@ pub async fn connection_math(config: &Config) -> Result<Vec<HostReport>, String>
     let mut reports = Vec::new();
     for (host, (worst_case, login)) in worst_cases(config) {
         let timeout = config.floodgate.server_connect_timeout;
-        let (mut server, _) = ServerConn::connect(&login, timeout)
+        let names = crate::params::names(&[]);
+        let (mut server, _) = ServerConn::connect(&login, timeout, names)
             .await
             .map_err(|e| format!("{host}: {e}"))?;
         let mut setting = async |name: &str| -> Result<i64, String> {
-            let value = server.query_value(&format!("SHOW {name}")).await;
-            let value = value.map_err(|e| format!("{host}: SHOW {name}: {e}"))?;
-            value
-                .and_then(|v| v.parse().ok())
+            let rows = server.query_rows(&format!("SHOW {name}")).await;
+            let rows = rows.map_err(|e| format!("{host}: SHOW {name}: {e}"))?;
+            rows.first()
+                .and_then(|row| row.first()?.as_deref()?.parse().ok())
                 .ok_or_else(|| format!("{host}: SHOW {name} gave no number"))
         };
         let max_connections = setting("max_connections").await?;

@@ -176,27 +176,41 @@ async fn login(
             Some(StartupPacket::Startup { minor, params }) => break (minor, params),
         }
     };
+    let names = shared.pools.param_names.clone();
     let mut user = None;
     let mut database = None;
-    let mut client_params = Params::default();
+    let mut client_params = Params::new(names.clone());
     let mut unsupported = Vec::new();
+    let ignored = |n: &str| {
+        let ignore = &shared.config.floodgate.ignore_startup_parameters;
+        ignore.iter().any(|i| i.eq_ignore_ascii_case(n))
+    };
+    let mut settings = Vec::new();
     for (name, value) in &startup_params {
         match name.as_str() {
             "user" => user = Some(value.clone()),
             "database" => database = Some(value.clone()),
-            n if n.starts_with("_pq_.") => unsupported.push(name.clone()),
-            n if params::tracked(n).is_some() => client_params.set(n, value),
-            n if shared
-                .config
-                .floodgate
-                .ignore_startup_parameters
-                .iter()
-                .any(|i| i == n) => {}
-            n => {
-                return Err(ClientError::Protocol(format!(
-                    "unsupported startup parameter: {n} (list it in ignore_startup_parameters to accept it)"
-                )));
+            "options" if !ignored("options") => {
+                let parsed = params::parse_options(value).map_err(|part| {
+                    ClientError::Protocol(format!(
+                        "unsupported startup option \"{part}\": only -c name=value and \
+                         --name=value are accepted in options"
+                    ))
+                })?;
+                settings.extend(parsed);
             }
+            n if n.starts_with("_pq_.") => unsupported.push(name.clone()),
+            _ => settings.push((name.clone(), value.clone())),
+        }
+    }
+    for (name, value) in &settings {
+        if Params::tracked(&names, name).is_some() {
+            client_params.set(name, value);
+        } else if !ignored(name) {
+            return Err(ClientError::Protocol(format!(
+                "unsupported startup parameter: {name} (add it to track_extra_parameters to \
+                 apply it per client, or to ignore_startup_parameters to ignore it)"
+            )));
         }
     }
     let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
@@ -221,24 +235,19 @@ async fn login(
         .admit_login(&shared.config.floodgate, &database, &user)?;
     let defaults = pool.defaults().await?;
 
-    // The client sees the server's parameters, with the values it asked for at startup.
-    let mut params = Params::default();
-    for (name, value) in defaults.iter() {
-        params.set(name, value);
-    }
-    for (name, value) in client_params.iter() {
-        params.set(name, value);
-    }
+    // The client sees the server's reported parameters, with the values it asked for at
+    // startup; the ones the server does not report stay the client's own (or the default).
+    let mut params = client_params;
     let cancel = shared.cancels.register();
     let mut out = BytesMut::new();
     backend::auth_ok(&mut out);
     for (name, value) in defaults.iter() {
-        let value = params.get(name).unwrap_or(value);
-        backend::parameter_status(&mut out, name, value);
-    }
-    for (name, value) in client_params.iter() {
-        if !defaults.iter().any(|(n, _)| n == name) {
-            backend::parameter_status(&mut out, name, value);
+        match params.get(name) {
+            Some(wanted) => backend::parameter_status(&mut out, name, wanted),
+            None => {
+                params.set(name, value);
+                backend::parameter_status(&mut out, name, value);
+            }
         }
     }
     backend::backend_key_data(&mut out, cancel.pid, cancel.secret);
@@ -396,10 +405,12 @@ impl Session {
             true => 0,
             false => self.shared.config.floodgate.max_prepared_statements,
         };
+        let leftovers = (!session_mode).then_some(&mut server_ref.leftovers);
         let tracker = Tracker::new(
             &self.shared.statements,
             &mut self.statements,
             &mut server_ref.statements,
+            leftovers,
             max_statements,
             &mut self.scratch,
         );
@@ -424,7 +435,7 @@ impl Session {
         self.cancel.set(None);
         match outcome {
             Outcome::Released => {
-                server.dirty = false;
+                self.clean(&mut server).await;
                 drop(server);
                 stream.write_all(&self.sbuf).await?;
                 self.sbuf.clear();
@@ -468,6 +479,26 @@ impl Session {
         }
     }
 
+    /// Removes the session state this client's transaction left on `server` before anyone else
+    /// gets it (nothing to do, and no round trip, on the common path); a server that cannot be
+    /// cleaned is closed.
+    async fn clean(&mut self, server: &mut Server) {
+        let g = &self.shared.config.floodgate;
+        let reset_query = g
+            .server_reset_query_always
+            .then_some(g.server_reset_query.as_str());
+        if server.leftovers.is_empty() && !server.statements.has_stale() && reset_query.is_none() {
+            server.dirty = false;
+            return;
+        }
+        let cleaning = crate::reset::clean(server, Some(&mut self.params), reset_query);
+        match tokio::time::timeout(crate::reset::RESET_TIMEOUT, cleaning).await {
+            Ok(Ok(())) => server.dirty = false,
+            Ok(Err(e)) => tracing::warn!(error = %e, "closing a server that could not be cleaned"),
+            Err(_) => tracing::warn!("closing a server that took too long to clean"),
+        }
+    }
+
     /// Hands a server the client no longer uses to a task that makes it clean (or closes it).
     fn abandon(&mut self, mut server: Server, left: Abandoned) {
         let session_mode = self.pool.mode == PoolMode::Session;
@@ -479,6 +510,9 @@ impl Session {
         let server_output_done =
             left.server_scanner.at_boundary() && self.sbuf.len() == left.server_scanned;
         if left.state.is_idle()
+            && server.leftovers.is_empty()
+            && !server.statements.has_stale()
+            && !self.shared.config.floodgate.server_reset_query_always
             && !left.statements_uncertain
             && !left.state.copy_in
             && left.unsent == 0
@@ -495,8 +529,9 @@ impl Session {
         let server_output = self
             .sbuf
             .split_off(left.server_scanned.min(self.sbuf.len()));
+        let g = &self.shared.config.floodgate;
         let reset_query =
-            session_mode.then(|| self.shared.config.floodgate.server_reset_query.clone());
+            (session_mode || g.server_reset_query_always).then(|| g.server_reset_query.clone());
         let job = crate::reset::Reset {
             state: left.state,
             unsent,

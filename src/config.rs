@@ -132,6 +132,12 @@ pub struct General {
     pub shutdown_timeout: Duration,
     /// Run before a server is reused in session mode.
     pub server_reset_query: String,
+    /// Also run `server_reset_query` after every transaction in transaction mode (for session
+    /// state the proxy cannot see, such as advisory locks taken inside functions).
+    pub server_reset_query_always: bool,
+    /// Session parameters carried between servers per client, besides the reported ones and
+    /// `search_path` (PgBouncer's name); clients may set them at startup.
+    pub track_extra_parameters: Vec<String>,
     /// Startup parameters accepted from clients but not applied (PgBouncer's name).
     pub ignore_startup_parameters: Vec<String>,
 }
@@ -171,6 +177,8 @@ impl Default for General {
             server_lifetime: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),
             server_reset_query: "DISCARD ALL".into(),
+            server_reset_query_always: false,
+            track_extra_parameters: Vec::new(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
         }
     }
@@ -301,6 +309,20 @@ impl Config {
         }
         if g.max_packet_size < 1024 {
             return invalid("[floodgate] max_packet_size must be at least 1024 bytes".into());
+        }
+        for name in &g.track_extra_parameters {
+            if !crate::params::is_valid_name(name) {
+                return invalid(format!(
+                    "[floodgate] track_extra_parameters: `{name}` is not a parameter name \
+                     (letters, digits and _, optionally two parts joined by a dot)"
+                ));
+            }
+        }
+        if crate::params::names(&g.track_extra_parameters).len() > crate::params::MAX_TRACKED {
+            return invalid(format!(
+                "[floodgate] track_extra_parameters: at most {} parameters are tracked in all",
+                crate::params::MAX_TRACKED
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for user in &self.users {

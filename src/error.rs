@@ -47,6 +47,34 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// True when trying again shortly may succeed: the server is down, restarting, starting up
+    /// or full, or the proxy is backing off after such failures. False for what only a
+    /// configuration change fixes (a refused password, an unknown database).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::RetryLater { .. }
+            | UpstreamError::Io(_) => true,
+            // 57P01-03: shutting down / starting up / cannot connect now; 53300: too many
+            // connections; 08xxx: connection trouble.
+            UpstreamError::Refused { code, .. } => {
+                code.starts_with("57P") || code == "53300" || code.starts_with("08")
+            }
+            _ => false,
+        }
+    }
+
+    /// How long to wait before the next attempt can be made, when known.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            UpstreamError::RetryLater { wait_ms, .. } => {
+                Some(std::time::Duration::from_millis(*wait_ms))
+            }
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE a client waiting for this server is sent.
     pub fn sqlstate(&self) -> String {
         match self {

@@ -131,16 +131,46 @@ async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
         Ok(admitted) => admitted,
         Err(e) => {
             tracing::debug!(%ip, error = %e, "client refused");
-            let mut buf = BytesMut::new();
-            backend::error(
-                &mut buf,
-                Severity::Fatal,
-                sqlstate::TOO_MANY_CONNECTIONS,
-                &e.to_string(),
-            );
-            let _ = stream.write_all(&buf).await;
+            let message = e.to_string();
+            let refusal = refuse(&mut stream, &shared, &message);
+            let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
             return;
         }
     };
     crate::client::serve(stream, shared.clone()).await;
+}
+
+/// How long a refused client has to send its StartupMessage before it is simply closed.
+const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells a client over a limit why, the way PostgreSQL does: after its StartupMessage (an
+/// SSLRequest or GSSENCRequest first is answered `N`), so libpq shows the 53300 and its
+/// message instead of "error during SSL exchange". A CancelRequest is still carried out.
+async fn refuse(stream: &mut TcpStream, shared: &Shared, message: &str) {
+    use crate::protocol::startup::{StartupPacket, read_startup};
+    loop {
+        match read_startup(stream).await {
+            Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(StartupPacket::Cancel { pid, secret })) => {
+                if let Some(target) = shared.cancels.target(pid, secret) {
+                    let _ = target.send().await;
+                }
+                return;
+            }
+            Ok(Some(StartupPacket::Startup { .. })) => break,
+            Ok(None) | Err(_) => return,
+        }
+    }
+    let mut buf = BytesMut::new();
+    backend::error(
+        &mut buf,
+        Severity::Fatal,
+        sqlstate::TOO_MANY_CONNECTIONS,
+        message,
+    );
+    let _ = stream.write_all(&buf).await;
 }

@@ -195,7 +195,22 @@ impl Flow {
 }
 
 impl Relay<'_> {
+    /// Relays until the transaction ends (or something goes wrong). A cancel sent for
+    /// `query_timeout` has landed before this returns, so it can never hit the next client's
+    /// query on this server.
     pub async fn run(self) -> Outcome {
+        let mut cancelling = None;
+        let outcome = self.relay(&mut cancelling).await;
+        if let Some(task) = cancelling {
+            let _ = task.await;
+        }
+        outcome
+    }
+
+    async fn relay(
+        self,
+        cancelling: &mut Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    ) -> Outcome {
         let Relay {
             client,
             server,
@@ -265,7 +280,7 @@ impl Relay<'_> {
                         answered,
                         cancelled: false,
                     }) => {
-                        tokio::spawn(cancel.send());
+                        *cancelling = Some(tokio::spawn(cancel.send()));
                         armed = Some(Armed::Query {
                             since,
                             answered,
@@ -357,7 +372,10 @@ fn rearm(
     t: Timeouts,
 ) {
     let waiting_for_server = tx.pending > 0 || responses_owed;
-    let idle_in_transaction = !waiting_for_server && tx.status != b'I' && up.ready == 0;
+    // An extended-protocol batch not yet closed by a Sync holds the server just as an open
+    // transaction does (Parse/Bind + Flush, then silence).
+    let idle_in_transaction =
+        !waiting_for_server && (tx.status != b'I' || tx.unsynced) && up.ready == 0;
     let next = match *armed {
         Some(
             a @ Armed::Query {
@@ -535,7 +553,7 @@ fn scan_server(
                             crate::protocol::frame::cstr(body, &mut pos),
                             crate::protocol::frame::cstr(body, &mut pos),
                         ) {
-                            server_params.set(name, value);
+                            server_params.set_reported(name, value);
                             client_params.set(name, value);
                         }
                     }

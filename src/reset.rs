@@ -9,12 +9,15 @@ use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::params::Params;
 use crate::pool::Server;
 use crate::protocol::frame::{HEADER_LEN, Item, Scanner};
+use crate::protocol::sql::Leftovers;
 use crate::relay::TxState;
+use crate::server::{ApplyError, ServerConn};
 
 /// How long a server may take to become idle again before it is closed.
-const RESET_TIMEOUT: Duration = Duration::from_secs(10);
+pub const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What is needed to bring a server back from where its client left it.
 pub struct Reset {
@@ -25,7 +28,7 @@ pub struct Reset {
     /// Server output read but not yet scanned, and where the stream stands.
     pub server_output: BytesMut,
     pub server_scanner: Scanner,
-    /// `server_reset_query`, in session mode.
+    /// `server_reset_query`, in session mode (or with `server_reset_query_always`).
     pub reset_query: Option<String>,
     /// Which named statements the server has is not known for sure: drop them all.
     pub forget_statements: bool,
@@ -82,21 +85,110 @@ impl Reset {
                 .map_err(|e| e.to_string())?;
         }
         if forget_statements {
-            server
-                .simple_query("DEALLOCATE ALL")
-                .await
-                .map_err(|e| e.to_string())?;
-            server.statements.clear();
+            server.leftovers |= Leftovers::PREPARED;
         }
-        if let Some(sql) = reset_query.filter(|q| !q.trim().is_empty()) {
-            server.simple_query(&sql).await.map_err(|e| e.to_string())?;
-            // What the reset did to the session parameters is not all reported: forget them,
-            // so the next client's are set again.
-            server.params = crate::params::Params::default();
-            server.statements.clear();
-        }
-        Ok(())
+        clean(server, None, reset_query.as_deref())
+            .await
+            .map_err(|e| e.to_string())
     }
+}
+
+/// Removes the session state a client left on `server` (see [`Leftovers`]) in one round trip,
+/// then runs `reset_query` if given. Settings the client changed with a session-level `SET`
+/// that the proxy tracks but the server does not report (`search_path` before PostgreSQL 18)
+/// are read back into `client` first, so the client keeps them on its next server, as on a
+/// direct connection. Nothing is sent when nothing was left.
+pub async fn clean(
+    server: &mut ServerConn,
+    client: Option<&mut Params>,
+    reset_query: Option<&str>,
+) -> Result<(), ApplyError> {
+    let left = server.leftovers;
+    let mut sql = String::new();
+    let read_back: Vec<String> = match &client {
+        Some(client) if left.contains(Leftovers::SETTINGS) => client
+            .unreported(&server.params)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !read_back.is_empty() {
+        let names: Vec<String> = read_back
+            .iter()
+            .map(|n| crate::params::quote(&n.to_ascii_lowercase()))
+            .collect();
+        sql.push_str(&format!(
+            "SELECT name, setting, setting = reset_val FROM pg_settings \
+             WHERE lower(name) IN ({});",
+            names.join(",")
+        ));
+    }
+    let steps = [
+        (
+            Leftovers::ROLE,
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ROLE;",
+        ),
+        (Leftovers::SETTINGS, "RESET ALL;"),
+        (Leftovers::LISTEN, "UNLISTEN *;"),
+        (Leftovers::CURSORS, "CLOSE ALL;"),
+        (Leftovers::PREPARED, "DEALLOCATE ALL;"),
+        (Leftovers::TEMP, "DISCARD TEMP;"),
+        (Leftovers::LOCKS, "SELECT pg_advisory_unlock_all();"),
+    ];
+    // A settings reset also resets the role (RESET ALL does not): a client that changed
+    // settings in a way the proxy could not read (a DO block, say) may have changed it too.
+    let left_role = if left.contains(Leftovers::SETTINGS) {
+        left | Leftovers::ROLE
+    } else {
+        left
+    };
+    for (kind, step) in steps {
+        if left_role.contains(kind) {
+            sql.push_str(step);
+        }
+    }
+    if !left.contains(Leftovers::PREPARED) {
+        for statement in server.statements.take_all_stale() {
+            sql.push_str(&format!("DEALLOCATE {};", statement.name));
+        }
+    }
+    if !sql.is_empty() {
+        tracing::debug!(%sql, "cleaning a server's session state");
+        let rows = server.query_rows(&sql).await?;
+        if let Some(client) = client
+            && !read_back.is_empty()
+        {
+            for name in read_back {
+                let row = rows.iter().find(|r| {
+                    r.first()
+                        .and_then(Option::as_deref)
+                        .is_some_and(|n| n.eq_ignore_ascii_case(&name))
+                });
+                // A row that says the setting equals its reset value: the default.
+                let value = match row.map(|r| (r.get(1).cloned().flatten(), r.get(2))) {
+                    Some((Some(v), Some(Some(same)))) if same == "f" => Some(v),
+                    _ => None,
+                };
+                client.put(&name, value);
+            }
+        }
+        if left.contains(Leftovers::SETTINGS) {
+            server.params.reset_unreported();
+        }
+        if left.contains(Leftovers::PREPARED) {
+            server.statements.clear();
+        }
+        server.leftovers = Leftovers::NONE;
+    }
+    if let Some(query) = reset_query.filter(|q| !q.trim().is_empty()) {
+        server.simple_query(query).await?;
+        // What the reset did to the parameters the server does not report is not known: they
+        // are assumed back at their defaults (what DISCARD ALL and RESET ALL do).
+        server.params.reset_unreported();
+        server.statements.clear();
+        server.leftovers = Leftovers::NONE;
+    }
+    Ok(())
 }
 
 /// Closes a server for good: cancels what may still run, says Terminate, and waits (briefly)

@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::auth::upstream::{self, Login};
 use crate::error::UpstreamError;
-use crate::params::Params;
+use crate::params::{Names, Params};
+use crate::protocol::sql::Leftovers;
 
 /// Where and how to cancel what a server connection is running.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,9 @@ pub struct ServerConn {
     /// Set while a client holds it; a server returned to the pool still dirty (its client's task
     /// ended abruptly) is closed at the next checkout instead of reused.
     pub dirty: bool,
+    /// Session state a client may have left (session SET, SET ROLE, LISTEN...): cleaned up
+    /// before another client gets this server.
+    pub leftovers: Leftovers,
 }
 
 impl ServerConn {
@@ -61,6 +65,7 @@ impl ServerConn {
     pub async fn connect(
         login: &Login,
         timeout: Duration,
+        names: Names,
     ) -> Result<(ServerConn, Vec<(String, String)>), UpstreamError> {
         let attempt = async {
             let mut stream =
@@ -84,9 +89,9 @@ impl ServerConn {
                 });
             }
         };
-        let mut params = Params::default();
+        let mut params = Params::new(names);
         for (name, value) in &done.params {
-            params.set(name, value);
+            params.set_reported(name, value);
         }
         let server = ServerConn {
             stream,
@@ -101,6 +106,7 @@ impl ServerConn {
             permits: Vec::new(),
             statements: Default::default(),
             dirty: false,
+            leftovers: Leftovers::NONE,
         };
         Ok((server, done.params))
     }
@@ -125,7 +131,7 @@ impl ServerConn {
     }
 
     /// Makes this server's session parameters match `wanted`, in one round trip, only for those
-    /// that differ. On success `wanted` takes the server's spelling of each value it set.
+    /// that differ. On success `wanted` takes the server's spelling of each value it reports.
     pub async fn apply_params(&mut self, wanted: &mut Params) -> Result<(), ApplyError> {
         let sql = self.params.set_statements(wanted);
         if sql.is_empty() {
@@ -133,13 +139,7 @@ impl ServerConn {
         }
         let mut result = self.simple_query(&sql).await;
         if result.is_ok() {
-            // A parameter this server never reports (search_path before PostgreSQL 18) keeps
-            // the value we just set; the reported ones came back in the server's spelling.
-            for (name, value) in wanted.iter() {
-                if self.params.get(name).is_none() {
-                    self.params.set(name, value);
-                }
-            }
+            self.params.applied(wanted);
             wanted.adopt(&self.params);
         } else if let Err(ApplyError::Rejected { message, .. }) = &mut result {
             message.insert_str(0, "could not restore session parameters on a server: ");
@@ -149,12 +149,13 @@ impl ServerConn {
 
     /// Runs a simple query whose results nobody reads; records parameter changes.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), ApplyError> {
-        self.query_value(sql).await.map(|_| ())
+        self.query_rows(sql).await.map(|_| ())
     }
 
-    /// Runs a simple query and returns the first column of its first row, if any.
-    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, ApplyError> {
-        let mut value = None;
+    /// Runs a simple query (its statements in one implicit transaction) and returns the rows of
+    /// all of them, as text (`None` for NULL). For the proxy's own small queries only.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
+        let mut rows = Vec::new();
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf).map_err(UpstreamError::Io)?;
         self.stream
@@ -184,23 +185,25 @@ impl ServerConn {
             match msg {
                 Message::ParameterStatus(body) => {
                     if let (Ok(name), Ok(value)) = (body.name(), body.value()) {
-                        self.params.set(name, value);
+                        self.params.set_reported(name, value);
                     }
                 }
                 Message::ErrorResponse(body) => rejected = Some(crate::params::error_fields(&body)),
-                Message::DataRow(row) if value.is_none() => {
+                Message::DataRow(row) => {
                     use fallible_iterator::FallibleIterator;
                     let buf = row.buffer();
-                    if let Ok(Some(Some(range))) = row.ranges().next() {
-                        value = buf
-                            .get(range)
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
-                    }
+                    let values = row
+                        .ranges()
+                        .map(|r| Ok(r.and_then(|r| buf.get(r)).map(String::from_utf8_lossy)))
+                        .map(|v| Ok(v.map(|v| v.into_owned())))
+                        .collect()
+                        .map_err(UpstreamError::Io)?;
+                    rows.push(values);
                 }
                 Message::ReadyForQuery(body) => {
                     return match rejected {
                         Some((code, message)) => Err(ApplyError::Rejected { code, message }),
-                        None if body.status() == b'I' => Ok(value),
+                        None if body.status() == b'I' => Ok(rows),
                         None => Err(ApplyError::Rejected {
                             code: "XX000".into(),
                             message: "server left in a transaction by a reset query".into(),

@@ -117,3 +117,34 @@ async fn per_database_and_per_user_client_caps() {
     let mut b = raw_connect(env.addr()).await;
     assert_refused(login(&mut b).await, "max_user_client_connections");
 }
+
+/// Issue: a client over `max_client_conn` got the error before it had sent anything; libpq
+/// sends an SSLRequest first, so psql showed "server sent an error response during SSL
+/// exchange". Now the refusal follows the StartupMessage, as PostgreSQL's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_over_max_client_conn_reads_the_reason() {
+    let env = trust_env(5, &["max_client_conn = 1"]).await;
+    let _first = env.connect().await;
+    let mut args = host_port(env.addr());
+    args.extend(["-U", "app", "-d", "app", "-X", "-At", "-c", "SELECT 1"].map(String::from));
+    let out = run_tool("psql", args).await;
+    assert!(!out.status.success(), "{}", tool_text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_client_conn"), "{}", tool_text(&out));
+    assert!(!stderr.contains("SSL"), "{}", tool_text(&out));
+
+    // A raw client that sends an SSLRequest gets `N`, then the FATAL after its startup.
+    let mut raw = raw_connect(env.addr()).await;
+    let mut ssl_request = 8i32.to_be_bytes().to_vec();
+    ssl_request.extend(80877103i32.to_be_bytes());
+    send_raw(&mut raw, &ssl_request).await;
+    let mut answer = [0u8; 1];
+    within(
+        "SSL answer",
+        tokio::io::AsyncReadExt::read_exact(&mut raw, &mut answer),
+    )
+    .await
+    .expect("an answer to the SSLRequest");
+    assert_eq!(&answer, b"N");
+    assert_refused(login(&mut raw).await, "max_client_conn");
+}

@@ -114,7 +114,8 @@ async fn client_login_timeout_closes_silent_sockets() {
 }
 
 /// `server_connect_timeout`: an upstream that accepts but never answers gives the waiting client
-/// a clear 08006 instead of a hang.
+/// a clear 08006 instead of a hang (once `query_wait_timeout` has passed: until then the proxy
+/// keeps trying, as it would for a restarting server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connect_timeout_bounds_a_silent_upstream() {
     // Accepted by the kernel (backlog) but never answered.
@@ -122,14 +123,14 @@ async fn server_connect_timeout_bounds_a_silent_upstream() {
     let port = silent.local_addr().unwrap().port();
     let toml = format!(
         "[floodgate]\nlisten = \"127.0.0.1:0\"\nauth_type = \"trust\"\n\
-         server_connect_timeout = \"1s\"\n\n[[users]]\nname = \"app\"\npassword = \"secret\"\n\n\
+         server_connect_timeout = \"1s\"\nquery_wait_timeout = \"3s\"\n\n[[users]]\nname = \"app\"\npassword = \"secret\"\n\n\
          [databases.app]\nhost = \"127.0.0.1\"\nport = {port}\n"
     );
     let proxy = start_proxy(&toml).await;
     let mut raw = raw_connect(proxy.local_addr()).await;
     let startup = startup_message(&[("user", "app"), ("database", "app")]);
     send_raw(&mut raw, &startup).await;
-    let fields = within("the error (after about 1 s)", async {
+    let fields = within("the error (after about 3 s)", async {
         loop {
             match read_message(&mut raw).await {
                 Incoming::Message(b'E', body) => return error_fields(&body),

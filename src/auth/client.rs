@@ -55,9 +55,10 @@ pub async fn authenticate(
             stream.write_all(&buf).await?;
             let initial = read_password_message(stream, &mut buf).await?;
             let client_first = parse_sasl_initial(&initial)?;
-            let (exchange, server_first) =
-                Exchange::start(verifier.unwrap_or_else(Verifier::impostor), client_first)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let verifier =
+                verifier.unwrap_or_else(|| Verifier::impostor(user, &shared.users.mock_secret));
+            let (exchange, server_first) = Exchange::start(verifier, client_first)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
             buf.clear();
             backend::auth_sasl_continue(&mut buf, server_first.as_bytes());
             stream.write_all(&buf).await?;

@@ -51,6 +51,8 @@ impl Secrets {
 /// Every configured user's secrets, by name.
 pub struct UserStore {
     users: HashMap<String, Secrets>,
+    /// Random per process: the key unknown users' SCRAM salts are derived from.
+    pub mock_secret: [u8; 32],
 }
 
 impl UserStore {
@@ -60,7 +62,10 @@ impl UserStore {
             .iter()
             .map(|u| (u.name.clone(), Secrets::new(&u.name, &u.password)))
             .collect();
-        UserStore { users }
+        UserStore {
+            users,
+            mock_secret: rand::random(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Secrets> {

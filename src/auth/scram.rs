@@ -32,11 +32,14 @@ impl Verifier {
     }
 
     /// A verifier nobody can satisfy, for unknown users: the exchange looks the same as for a
-    /// real user and fails at the proof.
-    pub fn impostor() -> Verifier {
+    /// real user and fails at the proof. Its salt is derived from the user name and a secret of
+    /// this process (as PostgreSQL does), so asking twice gives the same salt, as it would for a
+    /// real user: the salt does not tell who exists.
+    pub fn impostor(user: &str, process_secret: &[u8; 32]) -> Verifier {
+        let salt = hmac(process_secret, user.as_bytes())[..16].to_vec();
         Verifier {
             iterations: 4096,
-            salt: rand::random::<[u8; 16]>().to_vec(),
+            salt,
             stored_key: rand::random(),
             server_key: rand::random(),
         }
@@ -180,8 +183,18 @@ mod tests {
     }
 
     #[test]
+    fn impostor_salt_is_stable_per_user_and_secret() {
+        let secret = [7u8; 32];
+        let a = Verifier::impostor("ghost", &secret);
+        assert_eq!(a.salt, Verifier::impostor("ghost", &secret).salt);
+        assert_eq!(a.salt.len(), 16);
+        assert_ne!(a.salt, Verifier::impostor("other", &secret).salt);
+        assert_ne!(a.salt, Verifier::impostor("ghost", &[8u8; 32]).salt);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let v = Verifier::impostor();
+        let v = Verifier::impostor("x", &[0; 32]);
         assert!(Exchange::start(v.clone(), b"").is_err());
         assert!(Exchange::start(v.clone(), b"p=tls-server-end-point,,n=,r=x").is_err());
         assert!(Exchange::start(v.clone(), b"n,,n=").is_err());

@@ -29,6 +29,8 @@ pub struct Manager {
     pub caps: Vec<Arc<super::caps::Cap>>,
     /// How long a new server may wait for room under a cap.
     pub cap_wait: Duration,
+    /// The session parameters servers track.
+    pub param_names: crate::params::Names,
 }
 
 /// Consecutive failed logins to one upstream.
@@ -36,6 +38,8 @@ pub struct Failures {
     count: u32,
     retry_at: Instant,
     last: String,
+    /// When the last failure was recorded.
+    at: Instant,
 }
 
 /// First back-off after a failed login; it doubles with each further failure.
@@ -59,18 +63,28 @@ impl Manager {
     }
 
     /// Records a failed login: the next attempt waits an exponential, jittered back-off capped
-    /// by `server_login_retry`.
-    fn record_failure(&self, error: &UpstreamError) {
+    /// by `server_login_retry`. Attempts that started before the last failure was recorded
+    /// were made together with it (many clients at once when the server went down): they count
+    /// as one step, not one doubling each.
+    fn record_failure(&self, error: &UpstreamError, started: Instant) {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = failures.as_mut()
+            && f.at >= started
+        {
+            f.last = error.to_string();
+            return;
+        }
         let count = failures.as_ref().map_or(0, |f| f.count) + 1;
         let backoff = FIRST_BACKOFF
             .saturating_mul(1 << (count - 1).min(16))
             .min(self.login_retry);
         let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        let now = Instant::now();
         *failures = Some(Failures {
             count,
-            retry_at: Instant::now() + jittered,
+            retry_at: now + jittered,
             last: error.to_string(),
+            at: now,
         });
     }
 }
@@ -85,11 +99,13 @@ impl managed::Manager for Manager {
         for cap in &self.caps {
             permits.push(cap.acquire(self.cap_wait).await?);
         }
+        let started = Instant::now();
+        let names = self.param_names.clone();
         let (mut server, params) =
-            match ServerConn::connect(&self.login, self.connect_timeout).await {
+            match ServerConn::connect(&self.login, self.connect_timeout, names).await {
                 Ok(connected) => connected,
                 Err(e) => {
-                    self.record_failure(&e);
+                    self.record_failure(&e, started);
                     return Err(e);
                 }
             };

@@ -19,6 +19,11 @@ use crate::error::UpstreamError;
 use caps::Cap;
 pub use manager::{Manager, ServerDefaults};
 
+/// Pause between attempts to reach an upstream that is down (when no back-off says longer).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Shortest pause between attempts, so waiting clients never spin.
+const MIN_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// A checked-out server; dropping it returns the server to its pool.
 pub type Server = deadpool::managed::Object<Manager>;
 
@@ -50,9 +55,32 @@ pub struct ServerPool {
 impl ServerPool {
     /// Waits (first come, first served) for a server, opening one if below the cap. A client
     /// that has waited `reserve_pool_timeout` may also take a reserve server, without losing its
-    /// place in the main queue.
+    /// place in the main queue. While the upstream is down or restarting, keeps trying (as the
+    /// login back-off allows) until `query_wait_timeout`, then reports why it could not connect.
     pub async fn checkout(&self) -> Result<Server, CheckoutError> {
         let deadline = (!self.wait_timeout.is_zero()).then(|| Instant::now() + self.wait_timeout);
+        loop {
+            let error = match self.checkout_once(deadline).await {
+                Err(CheckoutError::Upstream(e)) if e.is_transient() => e,
+                result => return result,
+            };
+            let pause = error
+                .retry_after()
+                .unwrap_or(RETRY_PAUSE)
+                .max(MIN_RETRY_PAUSE);
+            let resume = Instant::now() + pause;
+            match deadline {
+                Some(deadline) if resume >= deadline => {
+                    tokio::time::sleep_until(deadline).await;
+                    return Err(CheckoutError::Upstream(error));
+                }
+                _ => tokio::time::sleep_until(resume).await,
+            }
+        }
+    }
+
+    /// One attempt of [`Self::checkout`].
+    async fn checkout_once(&self, deadline: Option<Instant>) -> Result<Server, CheckoutError> {
         let main_timeouts = self.wait_until(deadline);
         let main = self.pool.timeout_get(&main_timeouts);
         tokio::pin!(main);
@@ -89,7 +117,8 @@ impl ServerPool {
         }
     }
 
-    /// A server if one is free or can be opened now, without queueing (`None` otherwise).
+    /// A server if one is free or can be opened now, without queueing (`None` otherwise, also
+    /// while the upstream cannot be reached: [`Self::checkout`] waits for it).
     pub async fn try_checkout(&self) -> Result<Option<Server>, CheckoutError> {
         let timeouts = Timeouts {
             wait: Some(Duration::ZERO),
@@ -102,6 +131,7 @@ impl ServerPool {
                 Ok(Some(server))
             }
             Err(PoolError::Timeout(_)) => Ok(None),
+            Err(PoolError::Backend(e)) if e.is_transient() => Ok(None),
             Err(PoolError::Backend(e)) => Err(CheckoutError::Upstream(e)),
             Err(_) => Err(CheckoutError::Closed),
         }
@@ -196,6 +226,8 @@ impl ServerPool {
 /// Every pool, created on first use.
 pub struct Pools {
     config: Arc<Config>,
+    /// The session parameters carried between servers (`track_extra_parameters` included).
+    pub param_names: crate::params::Names,
     users: Arc<UserStore>,
     pools: Mutex<HashMap<(String, String), Arc<ServerPool>>>,
     /// `max_db_connections` by database, `max_user_connections` by upstream user.
@@ -207,6 +239,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(config: Arc<Config>, users: Arc<UserStore>) -> Pools {
         Pools {
+            param_names: crate::params::names(&config.floodgate.track_extra_parameters),
             config,
             users,
             pools: Mutex::new(HashMap::new()),
@@ -228,18 +261,20 @@ impl Pools {
     }
 
     /// The pool for database `db` (the name clients ask for) and client user `user`; `None` when
-    /// no such database is configured.
+    /// no such database is configured. There is one pool per (database, upstream user): with a
+    /// fixed `user` on the database, every client user shares it, so `pool_size` holds.
     pub fn get(&self, db: &str, user: &str) -> Option<Arc<ServerPool>> {
         let dbconf = self.config.databases.get(db)?;
+        let upstream_user = dbconf.user.clone().unwrap_or_else(|| user.to_owned());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (db.to_owned(), user.to_owned());
+        let key = (db.to_owned(), upstream_user.clone());
         if let Some(pool) = pools.get(&key) {
             return Some(pool.clone());
         }
         let g = &self.config.floodgate;
-        let upstream_user = dbconf.user.clone().unwrap_or_else(|| user.to_owned());
+        // The upstream user's own password when it is a configured user, else the client's.
         let password = dbconf.password.clone().or_else(|| {
-            let secrets = self.users.get(user)?;
+            let secrets = self.users.get(&upstream_user)?;
             secrets.plain.clone().or_else(|| secrets.md5.clone())
         });
         let defaults = self
@@ -289,6 +324,7 @@ impl Pools {
                 },
                 defaults: defaults.clone(),
                 failures: Mutex::new(None),
+                param_names: self.param_names.clone(),
             };
             Pool::builder(manager)
                 .max_size(size)
@@ -304,7 +340,7 @@ impl Pools {
             n => Some(build(n)?),
         };
         let pool = Arc::new(ServerPool {
-            name: format!("{db}/{user}"),
+            name: format!("{db}/{}", key.1),
             mode: self.config.pool_mode(dbconf),
             size,
             pool: build(size)?,

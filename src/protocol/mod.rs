@@ -4,5 +4,6 @@ pub mod backend;
 pub mod frame;
 pub mod pipeline;
 pub mod prepared;
+pub mod sql;
 pub mod sqlstate;
 pub mod startup;

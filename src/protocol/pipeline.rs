@@ -18,6 +18,7 @@ use super::frame::{HEADER_LEN, cstr};
 use super::prepared::{
     ClientStatements, Registry, ServerStatements, Statement, deallocate_target, put_message,
 };
+use super::sql::{self, Leftovers};
 
 /// What to undo when the server skips a message (an earlier one in the batch failed).
 #[derive(Debug)]
@@ -49,10 +50,11 @@ enum Synthetic {
 enum Expect {
     /// ParseComplete ('1'); `swallow` when the proxy added the Parse.
     Parse { swallow: bool, undo: Undo },
-    /// BindComplete ('2').
-    Bind { swallow: bool },
+    /// BindComplete ('2'). `statement`: the tracked statement bound (0: none), whose plan the
+    /// server may find stale.
+    Bind { swallow: bool, statement: u64 },
     /// RowDescription or NoData, after an optional ParameterDescription.
-    Describe,
+    Describe { statement: u64 },
     /// CloseComplete ('3').
     Close { swallow: bool, undo: Undo },
     /// CommandComplete, EmptyQueryResponse or PortalSuspended.
@@ -93,6 +95,12 @@ pub struct Tracker<'a> {
     /// Rewrite named statements (transaction mode with `max_prepared_statements` > 0); otherwise
     /// only match responses to requests.
     rewrite: bool,
+    /// Session state the client's SQL may leave on the server (transaction mode; `None` in
+    /// session mode, where the server is reset when the client leaves anyway).
+    leftovers: Option<&'a mut Leftovers>,
+    /// SQL ran that the proxy did not read (a query too long to hold, a statement prepared
+    /// without tracking): CommandComplete tags stand in for it.
+    unread_sql: bool,
 }
 
 /// Buffers that live with the client session so their allocations are reused.
@@ -107,6 +115,7 @@ impl<'a> Tracker<'a> {
         registry: &'a Registry,
         client: &'a mut ClientStatements,
         server: &'a mut ServerStatements,
+        leftovers: Option<&'a mut Leftovers>,
         max: usize,
         scratch: &'a mut Scratch,
     ) -> Tracker<'a> {
@@ -121,6 +130,34 @@ impl<'a> Tracker<'a> {
             skipping: false,
             copy_in: false,
             rewrite: max > 0,
+            leftovers,
+            unread_sql: false,
+        }
+    }
+
+    /// Records what SQL about to run may leave on the server.
+    fn may_leave(&mut self, left: Leftovers) {
+        if let Some(leftovers) = self.leftovers.as_deref_mut() {
+            *leftovers |= left;
+        }
+    }
+
+    /// Records what the SQL text of a Query or Parse may leave; `msg` may be only a header
+    /// when the message is streamed (too long to hold).
+    fn read_sql(&mut self, msg: &[u8], text_at: usize) {
+        if self.leftovers.is_none() {
+            return;
+        }
+        let declared = msg
+            .get(1..HEADER_LEN)
+            .map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+        let mut pos = text_at;
+        match msg.get(HEADER_LEN..) {
+            Some(body) if body.len() + 4 == declared => {
+                let text = cstr_bytes(body, &mut pos);
+                self.may_leave(sql::leftovers(text));
+            }
+            _ => self.unread_sql = true,
         }
     }
 
@@ -129,10 +166,12 @@ impl<'a> Tracker<'a> {
         self.queue.is_empty()
     }
 
-    /// Client messages the tracker must see whole (`len`: body length).
+    /// Client messages the tracker must see whole (`len`: body length): those it rewrites, and
+    /// SQL short enough to read for session state it may leave.
     pub fn wants_whole(&self, tag: u8, len: usize) -> bool {
-        self.rewrite
-            && (matches!(tag, b'P' | b'B' | b'D' | b'C') || (tag == b'Q' && len <= 64 * 1024))
+        (self.rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
+            || (matches!(tag, b'Q' | b'P') && len <= MAX_READ_SQL && self.leftovers.is_some())
+            || (self.rewrite && tag == b'Q' && len <= MAX_READ_SQL)
     }
 
     /// Server message types the tracker must see whole.
@@ -156,8 +195,28 @@ impl<'a> Tracker<'a> {
             };
         }
         if self.skipping && tag != b'S' {
-            // The server ignores everything up to the next Sync, and owes nothing for it.
-            return ClientAction::Forward;
+            // The server ignores everything up to the next Sync, a Query or FunctionCall
+            // included, and owes nothing for it.
+            return match tag {
+                b'Q' | b'F' => ClientAction::Unanswered,
+                _ => ClientAction::Forward,
+            };
+        }
+        match tag {
+            b'Q' => self.read_sql(msg, 0),
+            b'P' if !self.rewrite || body.first() == Some(&0) => {
+                let mut after_name = 0;
+                cstr_bytes(body, &mut after_name);
+                self.read_sql(msg, after_name);
+            }
+            b'B' if !self.rewrite
+                && body.get(cstr_len(body)..).and_then(|b| b.first()) != Some(&0) =>
+            {
+                // A named statement the proxy does not track: what it does is not known.
+                self.unread_sql = true;
+            }
+            b'F' => self.unread_sql = true,
+            _ => {}
         }
         match tag {
             b'P' if self.rewrite => self.parse(body),
@@ -172,8 +231,14 @@ impl<'a> Tracker<'a> {
                 },
                 ClientAction::Forward,
             ),
-            b'B' => self.push(Expect::Bind { swallow: false }, ClientAction::Forward),
-            b'D' => self.push(Expect::Describe, ClientAction::Forward),
+            b'B' => self.push(
+                Expect::Bind {
+                    swallow: false,
+                    statement: 0,
+                },
+                ClientAction::Forward,
+            ),
+            b'D' => self.push(Expect::Describe { statement: 0 }, ClientAction::Forward),
             b'C' => self.push(
                 Expect::Close {
                     swallow: false,
@@ -217,6 +282,7 @@ impl<'a> Tracker<'a> {
             return self.already_exists(name);
         }
         let statement = self.registry.statement(&body[pos..]);
+        self.may_leave(statement.leftovers);
         self.client.names.insert(name.to_owned(), statement.clone());
         if self.server.has(statement.id) {
             self.registry.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +304,16 @@ impl<'a> Tracker<'a> {
     /// Adds `s`'s Parse to `out`, evicting (Close) the least recently used statement if the
     /// server is full; `swallow` the ParseComplete when the client did not ask for it.
     fn prepare_on_server(&mut self, s: &Arc<Statement>, swallow: bool) {
+        if self.server.take_stale(s.id) {
+            // The server still has it with a plan it refused: close it, then prepare it again.
+            put_message(self.out, b'C', &[b"S", s.name.as_bytes(), b"\0"]);
+            let undo = Undo::Nothing;
+            let expect = Expect::Close {
+                swallow: true,
+                undo,
+            };
+            self.push(expect, ClientAction::Forward);
+        }
         if let Some(old) = self.server.insert(s.clone(), self.max) {
             self.registry
                 .counters
@@ -287,7 +363,13 @@ impl<'a> Tracker<'a> {
             },
             ClientAction::Forward,
         );
-        self.push(Expect::Bind { swallow: true }, ClientAction::Forward);
+        self.push(
+            Expect::Bind {
+                swallow: true,
+                statement: 0,
+            },
+            ClientAction::Forward,
+        );
         self.push(Expect::Execute, ClientAction::Replace)
     }
 
@@ -298,8 +380,13 @@ impl<'a> Tracker<'a> {
         };
         let Some(statement) = self.client.names.get(name).cloned() else {
             // Unnamed, or unknown: the server answers as PostgreSQL would (26000).
-            return self.push(Expect::Bind { swallow: false }, ClientAction::Forward);
+            let expect = Expect::Bind {
+                swallow: false,
+                statement: 0,
+            };
+            return self.push(expect, ClientAction::Forward);
         };
+        self.may_leave(statement.leftovers);
         self.ensure_prepared(&statement);
         let rest = &body[pos..];
         let name = statement.name.as_bytes();
@@ -308,7 +395,11 @@ impl<'a> Tracker<'a> {
             b'B',
             &[portal.as_bytes(), b"\0", name, b"\0", rest],
         );
-        self.push(Expect::Bind { swallow: false }, ClientAction::Replace)
+        let expect = Expect::Bind {
+            swallow: false,
+            statement: statement.id,
+        };
+        self.push(expect, ClientAction::Replace)
     }
 
     /// Describe or Close: a kind byte ('S'tatement or 'P'ortal) and a name.
@@ -322,7 +413,7 @@ impl<'a> Tracker<'a> {
             None
         };
         match (tracked, describe) {
-            (None, true) => self.push(Expect::Describe, ClientAction::Forward),
+            (None, true) => self.push(Expect::Describe { statement: 0 }, ClientAction::Forward),
             (None, false) => {
                 let undo = Undo::Nothing;
                 self.push(
@@ -336,7 +427,10 @@ impl<'a> Tracker<'a> {
             (Some(statement), true) => {
                 self.ensure_prepared(&statement);
                 put_message(self.out, b'D', &[b"S", statement.name.as_bytes(), b"\0"]);
-                self.push(Expect::Describe, ClientAction::Replace)
+                let expect = Expect::Describe {
+                    statement: statement.id,
+                };
+                self.push(expect, ClientAction::Replace)
             }
             (Some(statement), false) => {
                 // The server keeps it for others; only this client's name goes.
@@ -411,11 +505,11 @@ impl<'a> Tracker<'a> {
         match tag {
             b'1' | b'2' | b'3' => match self.queue.pop_front() {
                 Some(Expect::Parse { swallow, .. }) => swallow,
-                Some(Expect::Bind { swallow }) | Some(Expect::Close { swallow, .. }) => swallow,
+                Some(Expect::Bind { swallow, .. }) | Some(Expect::Close { swallow, .. }) => swallow,
                 _ => false,
             },
             b'T' | b'n' => {
-                self.complete_if(|e| matches!(e, Expect::Describe));
+                self.complete_if(|e| matches!(e, Expect::Describe { .. }));
                 false
             }
             b'I' | b's' => {
@@ -430,6 +524,15 @@ impl<'a> Tracker<'a> {
                 {
                     self.server.clear();
                     self.client.names.clear();
+                } else if tag_text.starts_with(b"PREPARE\0")
+                    || tag_text.starts_with(b"DEALLOCATE\0")
+                    || tag_text.starts_with(b"LISTEN\0")
+                {
+                    // Whatever the SQL looked like: statements under any name (the proxy's
+                    // included) may have changed, so they are all dropped before reuse.
+                    self.may_leave(sql::leftovers_of_tag(tag_text));
+                } else if self.unread_sql {
+                    self.may_leave(sql::leftovers_of_tag(tag_text));
                 }
                 false
             }
@@ -438,7 +541,7 @@ impl<'a> Tracker<'a> {
                 false
             }
             b'E' => {
-                self.on_error(msg);
+                self.on_error(msg, pending);
                 false
             }
             _ => false,
@@ -474,23 +577,42 @@ impl<'a> Tracker<'a> {
         }
     }
 
-    /// An extended-protocol message failed: it and everything up to the next Sync are skipped.
-    fn on_error(&mut self, msg: &[u8]) {
+    /// An extended-protocol message failed: it and everything up to the next Sync are skipped
+    /// (a Query or FunctionCall among them too: its answer will not come, so `pending` drops).
+    fn on_error(&mut self, msg: &[u8], pending: &mut usize) {
         let Some(front) = self.queue.front() else {
             return;
         };
         if matches!(front, Expect::Query | Expect::Sync) {
             return; // a simple query's error; its ReadyForQuery completes it
         }
-        // The front message failed. If it is a Parse the proxy added and the server says it had
-        // the statement already, the cache was wrong the other way: keep the statement.
-        let duplicate = error_code(msg) == Some("42P05");
+        let code = error_field(msg, b'C');
         if let Some(failed) = self.queue.pop_front() {
             match failed {
+                // A Parse the proxy added failed because the name is taken: the server's
+                // statements are not what the proxy recorded. Forget this one, drop them all
+                // before anyone else uses the server.
                 Expect::Parse {
                     swallow: true,
-                    undo: Undo::Forget(_),
-                } if duplicate => {}
+                    undo: undo @ Undo::Forget(_),
+                } if code == Some("42P05") => {
+                    self.may_leave(Leftovers::PREPARED);
+                    self.undo(Expect::Parse {
+                        swallow: true,
+                        undo,
+                    });
+                }
+                // The statement's plan is stale (a schema change under `SELECT *`): the server
+                // keeps refusing it until it is prepared again, so the client's retry must
+                // reach PostgreSQL as a real Parse, after a Close.
+                Expect::Bind { statement, .. } | Expect::Describe { statement }
+                    if statement != 0
+                        && code == Some("0A000")
+                        && error_field(msg, b'M')
+                            .is_some_and(|m| m.starts_with("cached plan must not change")) =>
+                {
+                    self.server.mark_stale(statement);
+                }
                 e => self.undo(e),
             }
         }
@@ -500,6 +622,9 @@ impl<'a> Tracker<'a> {
                 return;
             }
             if let Some(e) = self.queue.pop_front() {
+                if matches!(e, Expect::Query) {
+                    *pending = pending.saturating_sub(1);
+                }
                 self.undo(e);
             }
         }
@@ -529,16 +654,36 @@ impl<'a> Tracker<'a> {
     }
 }
 
-/// The SQLSTATE of an ErrorResponse message.
-fn error_code(msg: &[u8]) -> Option<&str> {
+/// Longest Query or Parse whose SQL is read for the session state it may leave (longer ones
+/// are streamed through and judged by their CommandComplete tags).
+const MAX_READ_SQL: usize = 64 * 1024;
+
+/// Field `code` (`C` SQLSTATE, `M` message) of an ErrorResponse message.
+fn error_field(msg: &[u8], code: u8) -> Option<&str> {
     let body = msg.get(HEADER_LEN..)?;
     let mut pos = 0;
     while let Some(&field) = body.get(pos) {
         pos += 1;
         let value = cstr(body, &mut pos)?;
-        if field == b'C' {
+        if field == code {
             return Some(value);
         }
     }
     None
+}
+
+/// The bytes of a NUL-terminated string at `*pos` (not necessarily UTF-8), advancing past it;
+/// the rest of `body` when there is no NUL.
+fn cstr_bytes<'b>(body: &'b [u8], pos: &mut usize) -> &'b [u8] {
+    let rest = body.get(*pos..).unwrap_or_default();
+    let len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    *pos += len + 1;
+    &rest[..len]
+}
+
+/// Length of the NUL-terminated string at the start of `body`, terminator included.
+fn cstr_len(body: &[u8]) -> usize {
+    body.iter()
+        .position(|&b| b == 0)
+        .map_or(body.len(), |n| n + 1)
 }

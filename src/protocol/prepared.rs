@@ -1,7 +1,8 @@
 //! Named prepared statements that keep working in transaction mode: what exists where.
 //!
-//! Each distinct (query text, parameter types) gets one proxy-wide name (`__fg_N`, the
-//! [`Registry`]). A client's statement names map to those ([`ClientStatements`]); each server
+//! Each distinct (query text, parameter types) gets one proxy-wide name (`__fg_<tag>_N`, the
+//! [`Registry`]; the tag is random per process, so a client cannot guess a name and replace the
+//! statement behind it). A client's statement names map to those ([`ClientStatements`]); each server
 //! connection remembers which it has prepared ([`ServerStatements`], an LRU bounded by
 //! `max_prepared_statements`). The [`super::pipeline`] tracker keeps them right as messages flow.
 
@@ -20,10 +21,12 @@ const NAME_PREFIX: &str = "__fg_";
 #[derive(Debug)]
 pub struct Statement {
     pub id: u64,
-    /// The proxy-wide name (`__fg_N`).
+    /// The proxy-wide name (`__fg_<tag>_N`).
     pub name: String,
     /// A Parse message that prepares it under that name.
     pub parse: Bytes,
+    /// Session state running it may leave (read once from its SQL).
+    pub leftovers: super::sql::Leftovers,
 }
 
 /// Counters for metrics and the admin console.
@@ -38,13 +41,27 @@ pub struct Counters {
 }
 
 /// Every distinct statement any client has prepared, by (query, parameter types).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     statements: Mutex<HashMap<Box<[u8]>, Arc<Statement>>>,
     next_id: AtomicU64,
     /// Forget statements nobody uses once the map grows past this.
     collect_at: AtomicU64,
+    /// Random per process, part of every name.
+    tag: u32,
     pub counters: Counters,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            statements: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            collect_at: AtomicU64::new(0),
+            tag: rand::random(),
+            counters: Counters::default(),
+        }
+    }
 }
 
 impl Registry {
@@ -61,17 +78,20 @@ impl Registry {
                 .store(2 * map.len() as u64, Ordering::Relaxed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = format!("{NAME_PREFIX}{id}");
+        let name = format!("{NAME_PREFIX}{:08x}_{id}", self.tag);
         let mut parse = BytesMut::with_capacity(HEADER_LEN + name.len() + 1 + key.len());
         parse.put_u8(b'P');
         parse.put_u32((4 + name.len() + 1 + key.len()) as u32);
         parse.put_slice(name.as_bytes());
         parse.put_u8(0);
         parse.put_slice(key);
+        let mut text_end = 0;
+        let text = cstr(key, &mut text_end).map_or(&key[..0], str::as_bytes);
         let statement = Arc::new(Statement {
             id,
             name,
             parse: parse.freeze(),
+            leftovers: super::sql::leftovers(text),
         });
         map.insert(key.into(), statement.clone());
         statement
@@ -132,6 +152,9 @@ impl ClientStatements {
 pub struct ServerStatements {
     entries: HashMap<u64, (Arc<Statement>, u64)>,
     clock: u64,
+    /// Statements the server still has but refused to run (their plan went stale after a
+    /// schema change): closed before they are prepared again, or at the end of the transaction.
+    stale: Vec<Arc<Statement>>,
 }
 
 impl ServerStatements {
@@ -169,9 +192,37 @@ impl ServerStatements {
         self.entries.remove(&id);
     }
 
+    /// The server refused to run statement `id` because its plan is stale.
+    pub(super) fn mark_stale(&mut self, id: u64) {
+        if let Some((s, _)) = self.entries.remove(&id) {
+            self.stale.push(s);
+        }
+    }
+
+    /// True (and no longer stale) if statement `id` must be closed before it is prepared again.
+    pub(super) fn take_stale(&mut self, id: u64) -> bool {
+        match self.stale.iter().position(|s| s.id == id) {
+            Some(i) => {
+                self.stale.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Statements to close on the server (see [`Self::mark_stale`]); they are forgotten.
+    pub fn take_all_stale(&mut self) -> Vec<Arc<Statement>> {
+        std::mem::take(&mut self.stale)
+    }
+
+    pub fn has_stale(&self) -> bool {
+        !self.stale.is_empty()
+    }
+
     /// The server dropped all its statements (DEALLOCATE ALL, DISCARD ALL, a reset).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.stale.clear();
     }
 
     pub fn len(&self) -> usize {
