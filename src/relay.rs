@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
-use crate::protocol::pipeline::{ClientAction, Tracker};
+use crate::protocol::pipeline::{ClientAction, ServerAction, Tracker};
 
 /// Bytes read per socket read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -533,12 +533,20 @@ fn scan_server(
                 emit_due(tracker, sbuf, down, state.status);
             }
             Item::Message { tag, start, end } => {
-                if tracker.on_server_message(tag, &sbuf[start..end], &mut state.pending) {
-                    // An answer to a message the proxy added: the client never asked.
-                    splice(sbuf, start, end, &[]);
-                    emit_due(tracker, sbuf, down, state.status);
-                    continue;
-                }
+                let end =
+                    match tracker.on_server_message(tag, &sbuf[start..end], &mut state.pending) {
+                        ServerAction::Forward => end,
+                        ServerAction::Drop => {
+                            // An answer to a message the proxy added: the client never asked.
+                            splice(sbuf, start, end, &[]);
+                            emit_due(tracker, sbuf, down, state.status);
+                            continue;
+                        }
+                        ServerAction::Replace => {
+                            splice(sbuf, start, end, tracker.out);
+                            start + tracker.out.len()
+                        }
+                    };
                 let body = &sbuf[start + HEADER_LEN..end];
                 match tag {
                     b'Z' => {

@@ -65,8 +65,21 @@ enum Expect {
     Query,
     /// Sent by the proxy when it reaches the front of the queue.
     Synthetic { response: Synthetic, undo: Undo },
+    /// The Execute of a block the proxy sent to make the server fail as PostgreSQL would have
+    /// (see [`Tracker::raise`]); the server's error is replaced by `error`, PostgreSQL's own.
+    Raised { error: Box<[u8]> },
     /// Not a response: the client ended a COPY (CopyDone or CopyFail) here.
     CopyEnd,
+}
+
+/// What to do with a server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerAction {
+    Forward,
+    /// An answer to a message the proxy added: the client never asked for it.
+    Drop,
+    /// Send [`Tracker::out`] instead.
+    Replace,
 }
 
 /// What to do with a client message.
@@ -304,16 +317,6 @@ impl<'a> Tracker<'a> {
     /// Adds `s`'s Parse to `out`, evicting (Close) the least recently used statement if the
     /// server is full; `swallow` the ParseComplete when the client did not ask for it.
     fn prepare_on_server(&mut self, s: &Arc<Statement>, swallow: bool) {
-        if self.server.take_stale(s.id) {
-            // The server still has it with a plan it refused: close it, then prepare it again.
-            put_message(self.out, b'C', &[b"S", s.name.as_bytes(), b"\0"]);
-            let undo = Undo::Nothing;
-            let expect = Expect::Close {
-                swallow: true,
-                undo,
-            };
-            self.push(expect, ClientAction::Forward);
-        }
         if let Some(old) = self.server.insert(s.clone(), self.max) {
             self.registry
                 .counters
@@ -348,9 +351,35 @@ impl<'a> Tracker<'a> {
     /// Re-Parse of a name without Close: the server raises 42P05 itself, so the transaction
     /// fails and the batch is skipped exactly as PostgreSQL would.
     fn already_exists(&mut self, name: &str) -> ClientAction {
-        let message = format!("prepared statement \"{name}\" already exists").replace('\'', "''");
+        let message = format!("prepared statement \"{name}\" already exists");
+        self.raise("42P05", &message, "prepare.c", "StorePreparedStatement")
+    }
+
+    /// Has the server fail in place of the current client message, so that the transaction
+    /// fails and the batch is skipped exactly as PostgreSQL does after an error of its own; the
+    /// client gets the error PostgreSQL would have sent (`code`, `message`, and the source
+    /// `file` and `routine`, which some drivers look at: asyncpg recognises a stale plan by
+    /// its routine).
+    fn raise(&mut self, code: &str, message: &str, file: &str, routine: &str) -> ClientAction {
+        let mut error = BytesMut::new();
+        put_message(
+            &mut error,
+            b'E',
+            &[
+                b"SERROR\0VERROR\0C",
+                code.as_bytes(),
+                b"\0M",
+                message.as_bytes(),
+                b"\0F",
+                file.as_bytes(),
+                b"\0R",
+                routine.as_bytes(),
+                b"\0\0",
+            ],
+        );
+        let message = message.replace('\'', "''");
         let sql = format!(
-            "DO $__fg$BEGIN RAISE EXCEPTION USING ERRCODE = '42P05', MESSAGE = '{}'; END$__fg$",
+            "DO $__fg$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END$__fg$",
             message.replace("$__fg$", "")
         );
         put_message(self.out, b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"]);
@@ -370,7 +399,8 @@ impl<'a> Tracker<'a> {
             },
             ClientAction::Forward,
         );
-        self.push(Expect::Execute, ClientAction::Replace)
+        let error = error.to_vec().into_boxed_slice();
+        self.push(Expect::Raised { error }, ClientAction::Replace)
     }
 
     fn bind(&mut self, body: &[u8]) -> ClientAction {
@@ -387,6 +417,9 @@ impl<'a> Tracker<'a> {
             return self.push(expect, ClientAction::Forward);
         };
         self.may_leave(statement.leftovers);
+        if let Some(refused) = self.refuse_superseded(&statement) {
+            return refused;
+        }
         self.ensure_prepared(&statement);
         let rest = &body[pos..];
         let name = statement.name.as_bytes();
@@ -425,6 +458,9 @@ impl<'a> Tracker<'a> {
                 )
             }
             (Some(statement), true) => {
+                if let Some(refused) = self.refuse_superseded(&statement) {
+                    return refused;
+                }
                 self.ensure_prepared(&statement);
                 put_message(self.out, b'D', &[b"S", statement.name.as_bytes(), b"\0"]);
                 let expect = Expect::Describe {
@@ -440,6 +476,22 @@ impl<'a> Tracker<'a> {
                 self.push(Expect::Synthetic { response, undo }, ClientAction::Replace)
             }
         }
+    }
+
+    /// A statement whose plan went stale after a schema change may return rows of another shape
+    /// now; a client that prepared it before must be told, as PostgreSQL tells it on its own
+    /// connection, so it prepares again. On a server that still has the stale statement the
+    /// server says so itself; elsewhere the proxy has it say so.
+    fn refuse_superseded(&mut self, s: &Arc<Statement>) -> Option<ClientAction> {
+        if !s.superseded.load(Ordering::Relaxed) || self.server.contains(s.id) {
+            return None;
+        }
+        Some(self.raise(
+            STALE_CODE,
+            STALE_MESSAGE,
+            "plancache.c",
+            "RevalidateCachedQuery",
+        ))
     }
 
     /// Prepares `s` on this server first (into `out`) if it lacks it.
@@ -494,27 +546,31 @@ impl<'a> Tracker<'a> {
     /// Handles one server message; `true` when it must not reach the client. `msg` is whole for
     /// [`Self::wants_whole_from_server`] types and ErrorResponse. `pending` counts the Sync and
     /// Query messages awaiting ReadyForQuery; Syncs found to be ignored are taken off it.
-    pub fn on_server_message(&mut self, tag: u8, msg: &[u8], pending: &mut usize) -> bool {
+    pub fn on_server_message(&mut self, tag: u8, msg: &[u8], pending: &mut usize) -> ServerAction {
+        let forward = |drop: bool| match drop {
+            true => ServerAction::Drop,
+            false => ServerAction::Forward,
+        };
         if tag == b'G' {
             *pending = pending.saturating_sub(self.copy_in_started());
-            return false;
+            return ServerAction::Forward;
         }
         while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
             self.queue.pop_front(); // a COPY that never started
         }
         match tag {
-            b'1' | b'2' | b'3' => match self.queue.pop_front() {
+            b'1' | b'2' | b'3' => forward(match self.queue.pop_front() {
                 Some(Expect::Parse { swallow, .. }) => swallow,
                 Some(Expect::Bind { swallow, .. }) | Some(Expect::Close { swallow, .. }) => swallow,
                 _ => false,
-            },
+            }),
             b'T' | b'n' => {
                 self.complete_if(|e| matches!(e, Expect::Describe { .. }));
-                false
+                ServerAction::Forward
             }
             b'I' | b's' => {
                 self.complete_if(|e| matches!(e, Expect::Execute));
-                false
+                ServerAction::Forward
             }
             b'C' => {
                 self.complete_if(|e| matches!(e, Expect::Execute));
@@ -534,17 +590,28 @@ impl<'a> Tracker<'a> {
                 } else if self.unread_sql {
                     self.may_leave(sql::leftovers_of_tag(tag_text));
                 }
-                false
+                ServerAction::Forward
             }
             b'Z' => {
                 self.complete_if(|e| matches!(e, Expect::Sync | Expect::Query));
-                false
+                ServerAction::Forward
             }
             b'E' => {
+                let replace = match self.queue.front_mut() {
+                    Some(Expect::Raised { error }) => {
+                        self.out.clear();
+                        self.out.extend_from_slice(error);
+                        true
+                    }
+                    _ => false,
+                };
                 self.on_error(msg, pending);
-                false
+                match replace {
+                    true => ServerAction::Replace,
+                    false => ServerAction::Forward,
+                }
             }
-            _ => false,
+            _ => ServerAction::Forward,
         }
     }
 
@@ -607,11 +674,13 @@ impl<'a> Tracker<'a> {
                 // reach PostgreSQL as a real Parse, after a Close.
                 Expect::Bind { statement, .. } | Expect::Describe { statement }
                     if statement != 0
-                        && code == Some("0A000")
-                        && error_field(msg, b'M')
-                            .is_some_and(|m| m.starts_with("cached plan must not change")) =>
+                        && code == Some(STALE_CODE)
+                        && error_field(msg, b'M') == Some(STALE_MESSAGE) =>
                 {
-                    self.server.mark_stale(statement);
+                    // Clients preparing this text from now on get a new statement.
+                    if let Some(s) = self.server.mark_stale(statement) {
+                        s.superseded.store(true, Ordering::Relaxed);
+                    }
                 }
                 e => self.undo(e),
             }
@@ -653,6 +722,10 @@ impl<'a> Tracker<'a> {
         !self.queue.is_empty()
     }
 }
+
+/// What PostgreSQL says when a prepared statement's result shape changed under it.
+const STALE_CODE: &str = "0A000";
+const STALE_MESSAGE: &str = "cached plan must not change result type";
 
 /// Longest Query or Parse whose SQL is read for the session state it may leave (longer ones
 /// are streamed through and judged by their CommandComplete tags).

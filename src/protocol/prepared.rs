@@ -27,6 +27,10 @@ pub struct Statement {
     pub parse: Bytes,
     /// Session state running it may leave (read once from its SQL).
     pub leftovers: super::sql::Leftovers,
+    /// A server found its plan stale (the result shape changed): clients that prepare this
+    /// text from now on get a new statement, and those that prepared it before are told, as
+    /// PostgreSQL would tell them.
+    pub superseded: std::sync::atomic::AtomicBool,
 }
 
 /// Counters for metrics and the admin console.
@@ -68,7 +72,9 @@ impl Registry {
     /// The statement for a Parse body's query-and-types part.
     pub(super) fn statement(&self, key: &[u8]) -> Arc<Statement> {
         let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(key) {
+        if let Some(s) = map.get(key)
+            && !s.superseded.load(Ordering::Relaxed)
+        {
             return s.clone();
         }
         if map.len() as u64 >= self.collect_at.load(Ordering::Relaxed).max(1024) {
@@ -92,6 +98,7 @@ impl Registry {
             name,
             parse: parse.freeze(),
             leftovers: super::sql::leftovers(text),
+            superseded: Default::default(),
         });
         map.insert(key.into(), statement.clone());
         statement
@@ -153,7 +160,7 @@ pub struct ServerStatements {
     entries: HashMap<u64, (Arc<Statement>, u64)>,
     clock: u64,
     /// Statements the server still has but refused to run (their plan went stale after a
-    /// schema change): closed before they are prepared again, or at the end of the transaction.
+    /// schema change): deallocated at the end of the transaction.
     stale: Vec<Arc<Statement>>,
 }
 
@@ -192,22 +199,16 @@ impl ServerStatements {
         self.entries.remove(&id);
     }
 
-    /// The server refused to run statement `id` because its plan is stale.
-    pub(super) fn mark_stale(&mut self, id: u64) {
-        if let Some((s, _)) = self.entries.remove(&id) {
-            self.stale.push(s);
-        }
+    /// True if the server has statement `id` (without counting it as a use).
+    pub(super) fn contains(&self, id: u64) -> bool {
+        self.entries.contains_key(&id)
     }
 
-    /// True (and no longer stale) if statement `id` must be closed before it is prepared again.
-    pub(super) fn take_stale(&mut self, id: u64) -> bool {
-        match self.stale.iter().position(|s| s.id == id) {
-            Some(i) => {
-                self.stale.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+    /// The server refused to run statement `id` because its plan is stale.
+    pub(super) fn mark_stale(&mut self, id: u64) -> Option<Arc<Statement>> {
+        let (s, _) = self.entries.remove(&id)?;
+        self.stale.push(s.clone());
+        Some(s)
     }
 
     /// Statements to close on the server (see [`Self::mark_stale`]); they are forgotten.
