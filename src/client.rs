@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::cancel::ClientCancel;
@@ -19,6 +19,9 @@ use crate::protocol::sqlstate;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
 use crate::proxy::Shared;
 use crate::relay::{Abandoned, Outcome, Relay, Timeout, Timeouts};
+
+/// Most a client may send ahead while it waits for a server.
+const MAX_READ_AHEAD: usize = 64 * 1024;
 
 /// Why a client is being turned away; each carries the SQLSTATE it is sent with.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +111,9 @@ impl From<std::io::Error> for ClientError {
 pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let timeout = shared.config.floodgate.client_login_timeout;
-    let login = async {
+    // Boxed, like each transaction below: the task of an idle client keeps only what it needs
+    // between transactions, not the space the login or a relay takes.
+    let login = Box::pin(async {
         if timeout.is_zero() {
             login(&mut stream, &shared).await
         } else {
@@ -116,7 +121,7 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 .await
                 .unwrap_or(Err(ClientError::LoginTimeout))
         }
-    };
+    });
     let result = match login.await {
         Ok(Some(session)) => session.run(&mut stream).await,
         Ok(None) => Ok(()),
@@ -258,8 +263,8 @@ async fn login(
         pool,
         params,
         cancel,
-        cbuf: BytesMut::with_capacity(16 * 1024),
-        sbuf: BytesMut::with_capacity(16 * 1024),
+        cbuf: BytesMut::new(),
+        sbuf: BytesMut::new(),
         statements: ClientStatements::default(),
         scratch: Scratch::default(),
         _admitted: admitted,
@@ -283,6 +288,10 @@ impl Session {
         };
         tokio::pin!(stop);
         loop {
+            // Between transactions a client holds no buffer (unless it sent more already).
+            crate::buffers::release(&mut self.cbuf);
+            crate::buffers::release(&mut self.sbuf);
+            self.scratch.shrink();
             let idle_timeout = self.shared.config.floodgate.client_idle_timeout;
             let idle = tokio::select! {
                 idle = self.wait_for_message(stream) => idle?,
@@ -294,23 +303,30 @@ impl Session {
             if let Idle::Gone = idle {
                 return Ok(());
             }
-            // A free server if there is one now; otherwise a batch of Parse messages can be
-            // answered without one, and anything else waits in the queue.
-            let server = match self.pool.try_checkout().await? {
-                Some(server) => server,
-                None if self.prepared_without_server(stream).await? => continue,
-                None => match self.checkout(stream).await? {
-                    Some(server) => server,
-                    None => return Ok(()),
-                },
-            };
-            if !self.transaction(stream, server).await? {
+            if !Box::pin(self.next_transaction(stream)).await? {
                 return Ok(());
             }
         }
     }
 
+    /// Gets a server for the client's next message and relays until the transaction ends.
+    /// `Ok(true)` when the client goes on.
+    async fn next_transaction(&mut self, stream: &mut TcpStream) -> Result<bool, ClientError> {
+        // A free server if there is one now; otherwise a batch of Parse messages can be
+        // answered without one, and anything else waits in the queue.
+        let server = match self.pool.try_checkout().await? {
+            Some(server) => server,
+            None if self.prepared_without_server(stream).await? => return Ok(true),
+            None => match self.checkout(stream).await? {
+                Some(server) => server,
+                None => return Ok(false),
+            },
+        };
+        self.transaction(stream, server).await
+    }
+
     /// Reads until a whole message header is buffered. Terminate or end of stream: `Gone`.
+    /// With nothing buffered it waits for the socket without holding a buffer.
     async fn wait_for_message(&mut self, stream: &mut TcpStream) -> Result<Idle, ClientError> {
         loop {
             match frame::header(&self.cbuf, self.shared.config.floodgate.max_packet_size) {
@@ -327,8 +343,7 @@ impl Session {
                 Ok(None) => {}
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
-            self.cbuf.reserve(16 * 1024);
-            if stream.read_buf(&mut self.cbuf).await? == 0 {
+            if read_small(stream, &mut self.cbuf).await? == 0 {
                 return Ok(Idle::Gone);
             }
         }
@@ -365,13 +380,14 @@ impl Session {
         let checkout = self.pool.checkout();
         tokio::pin!(checkout);
         loop {
-            if self.cbuf.len() > 1 << 20 {
+            // Reading on only notices a client that leaves; what it sends meanwhile is held up
+            // to a bound, then it waits (backpressure).
+            if self.cbuf.len() >= MAX_READ_AHEAD {
                 return Ok(Some(checkout.await?));
             }
-            self.cbuf.reserve(16 * 1024);
             tokio::select! {
                 server = &mut checkout => return Ok(Some(server?)),
-                read = stream.read_buf(&mut self.cbuf) => {
+                read = read_small(stream, &mut self.cbuf) => {
                     if read.unwrap_or(0) == 0 {
                         return Ok(None);
                     }
@@ -541,6 +557,19 @@ impl Session {
             forget_statements: left.statements_uncertain,
         };
         tokio::spawn(job.run(server));
+    }
+}
+
+/// Waits for the client's socket and reads what it sent, without a full-size buffer: an idle or
+/// queued client holds only its own bytes. `Ok(0)` at the end of the stream.
+async fn read_small(stream: &mut TcpStream, cbuf: &mut BytesMut) -> Result<usize, ClientError> {
+    loop {
+        stream.readable().await?;
+        match crate::buffers::read_small(stream, cbuf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`check`] does the connection math, [`config`] is the TOML file.
 
 pub mod auth;
+pub mod buffers;
 pub mod cancel;
 pub mod check;
 pub mod client;

@@ -17,8 +17,6 @@ use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
 use crate::protocol::pipeline::{ClientAction, ServerAction, Tracker};
 
-/// Bytes read per socket read.
-const READ_CHUNK: usize = 16 * 1024;
 /// Largest server message the relay holds whole (ErrorResponse, ParameterStatus).
 const MAX_HELD_SERVER_MESSAGE: usize = 1 << 20;
 
@@ -337,7 +335,7 @@ impl Relay<'_> {
                 if up.ready > 0 {
                     Event::ToServer(sw.write(&cbuf[..up.ready]).await)
                 } else {
-                    cbuf.reserve(READ_CHUNK);
+                    crate::buffers::fill(cbuf);
                     Event::FromClient(cr.read_buf(cbuf).await)
                 }
             };
@@ -345,7 +343,7 @@ impl Relay<'_> {
                 if down.ready > 0 {
                     Event::ToClient(cw.write(&sbuf[..down.ready]).await)
                 } else {
-                    sbuf.reserve(READ_CHUNK);
+                    crate::buffers::fill(sbuf);
                     Event::FromServer(sr.read_buf(sbuf).await)
                 }
             };

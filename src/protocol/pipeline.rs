@@ -123,6 +123,18 @@ pub struct Scratch {
     out: BytesMut,
 }
 
+impl Scratch {
+    /// Between transactions: frees what a large pipeline made these grow to.
+    pub fn shrink(&mut self) {
+        if self.queue.capacity() > 64 {
+            self.queue = VecDeque::new();
+        }
+        if self.out.capacity() > 4096 {
+            self.out = BytesMut::new();
+        }
+    }
+}
+
 impl<'a> Tracker<'a> {
     pub fn new(
         registry: &'a Registry,
