@@ -176,6 +176,9 @@ enum Event {
 struct Flow {
     ready: usize,
     scanner: Scanner,
+    /// Scanning stopped at a message that must wait for the server's answers to what is in
+    /// flight ([`Tracker::must_wait`]); nothing more is read until it goes on.
+    waiting: bool,
 }
 
 impl Flow {
@@ -183,6 +186,7 @@ impl Flow {
         Flow {
             ready: 0,
             scanner: Scanner::new(max_len),
+            waiting: false,
         }
     }
 
@@ -271,6 +275,16 @@ impl Relay<'_> {
                             reason: e.to_string(),
                         };
                     }
+                    if up.waiting {
+                        // The answers it waited for may have come.
+                        let scanned =
+                            scan_client(cbuf, &mut up, &mut tx, &mut client_left, &mut tracker);
+                        emit_due(&mut tracker, sbuf, &mut down, tx.status);
+                        if let Err(reason) = scanned {
+                            let left = abandoned(tx, &up, &down);
+                            return Outcome::ClientViolation(left.uncertain(&tracker), reason);
+                        }
+                    }
                 }
                 Event::Timer => match armed {
                     Some(Armed::Query {
@@ -334,6 +348,8 @@ impl Relay<'_> {
             let c2s = async {
                 if up.ready > 0 {
                     Event::ToServer(sw.write(&cbuf[..up.ready]).await)
+                } else if up.waiting {
+                    std::future::pending().await
                 } else {
                     crate::buffers::fill(cbuf);
                     Event::FromClient(cr.read_buf(cbuf).await)
@@ -427,6 +443,7 @@ fn scan_client(
     client_left: &mut bool,
     tracker: &mut Tracker,
 ) -> Result<(), String> {
+    up.waiting = false;
     loop {
         let whole = |tag, len| tag == b'X' || tracker.wants_whole(tag, len);
         let item = up
@@ -448,6 +465,10 @@ fn scan_client(
         }
         if !is_frontend_message(tag) {
             return Err(format!("invalid frontend message type '{}'", tag as char));
+        }
+        if tracker.must_wait(tag, &cbuf[start..end], state.pending) {
+            up.waiting = true;
+            return Ok(());
         }
         let mut unanswered = false;
         match tracker.on_client_message(tag, &cbuf[start..end], state.status) {

@@ -25,13 +25,13 @@ use super::sql::{self, Leftovers};
 enum Undo {
     Nothing,
     /// A client Parse: the name was never created...
-    Unmap(String),
+    Unmap(Arc<str>),
     /// ...and the server does not have the statement either.
-    UnmapAndForget(String, u64),
+    UnmapAndForget(Arc<str>, u64),
     /// A Parse the proxy added: the server does not have the statement.
     Forget(u64),
     /// A client Close of a tracked name: the name still exists.
-    Remap(String, Arc<Statement>),
+    Remap(Arc<str>, Arc<Statement>),
     /// A Close the proxy added to evict a statement: the server still has it.
     Keep(Arc<Statement>),
 }
@@ -51,22 +51,33 @@ enum Expect {
     /// ParseComplete ('1'); `swallow` when the proxy added the Parse.
     Parse { swallow: bool, undo: Undo },
     /// BindComplete ('2'). `statement`: the tracked statement bound (0: none), whose plan the
-    /// server may find stale.
-    Bind { swallow: bool, statement: u64 },
+    /// server may find stale; `client`: the client's name for it, which the server's errors
+    /// must show instead of the proxy's.
+    Bind {
+        swallow: bool,
+        statement: u64,
+        client: Option<Arc<str>>,
+    },
     /// RowDescription or NoData, after an optional ParameterDescription.
-    Describe { statement: u64 },
+    Describe {
+        statement: u64,
+        client: Option<Arc<str>>,
+    },
     /// CloseComplete ('3').
     Close { swallow: bool, undo: Undo },
     /// CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
-    /// ReadyForQuery: Sync.
-    Sync,
-    /// ReadyForQuery: simple Query or FunctionCall.
-    Query,
+    /// ReadyForQuery: Sync. `settles`: the batch it ends changes statement names (or may: a
+    /// Parse or Close that can still fail); until it is answered, later messages that use names
+    /// wait (see [`Tracker::must_wait`]).
+    Sync { settles: bool },
+    /// ReadyForQuery: simple Query or FunctionCall; `settles` as for Sync (a `DEALLOCATE` or
+    /// `DISCARD` changes names when it runs).
+    Query { settles: bool },
     /// Sent by the proxy when it reaches the front of the queue.
     Synthetic { response: Synthetic, undo: Undo },
-    /// The Execute of a block the proxy sent to make the server fail as PostgreSQL would have
-    /// (see [`Tracker::raise`]); the server's error is replaced by `error`, PostgreSQL's own.
+    /// A Bind the proxy sent to make the server fail as PostgreSQL would have (see
+    /// [`Tracker::raise`]); the server's error is replaced by `error`, PostgreSQL's own.
     Raised { error: Box<[u8]> },
     /// Not a response: the client ended a COPY (CopyDone or CopyFail) here.
     CopyEnd,
@@ -114,6 +125,10 @@ pub struct Tracker<'a> {
     /// SQL ran that the proxy did not read (a query too long to hold, a statement prepared
     /// without tracking): CommandComplete tags stand in for it.
     unread_sql: bool,
+    /// Entries since the last Sync or Query whose effect on names is undone if they fail.
+    uncertain_in_batch: bool,
+    /// Sync and Query entries in the queue with `settles` set.
+    unsettled: usize,
 }
 
 /// Buffers that live with the client session so their allocations are reused.
@@ -157,6 +172,29 @@ impl<'a> Tracker<'a> {
             rewrite: max > 0,
             leftovers,
             unread_sql: false,
+            uncertain_in_batch: false,
+            unsettled: 0,
+        }
+    }
+
+    /// True when `msg` must wait until the server has answered what is in flight, because how
+    /// it is handled depends on the outcome: it uses a statement name that an unanswered batch
+    /// creates or drops, or the proxy would answer it itself and the answer depends on the
+    /// transaction status a pending ReadyForQuery will tell (a Parse or `DEALLOCATE` in a
+    /// transaction that has failed meanwhile gets an error from PostgreSQL). Ordinary
+    /// pipelines (Bind/Execute/Sync of statements prepared earlier) never wait.
+    pub fn must_wait(&self, tag: u8, msg: &[u8], pending: usize) -> bool {
+        if !self.rewrite || self.copy_in || self.skipping || (pending == 0 && self.unsettled == 0) {
+            return false;
+        }
+        let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        let named = |at: usize| body.get(at).is_some_and(|&b| b != 0);
+        match tag {
+            b'P' => named(0),
+            b'B' => self.unsettled > 0 && named(cstr_len(body)),
+            b'D' | b'C' => self.unsettled > 0 && body.first() == Some(&b'S') && named(1),
+            b'Q' => deallocate_target(body).is_some(),
+            _ => false,
         }
     }
 
@@ -244,7 +282,7 @@ impl<'a> Tracker<'a> {
             _ => {}
         }
         match tag {
-            b'P' if self.rewrite => self.parse(body),
+            b'P' if self.rewrite => self.parse(body, status),
             b'B' if self.rewrite => self.bind(body),
             b'D' if self.rewrite => self.describe_or_close(body, true),
             b'C' if self.rewrite => self.describe_or_close(body, false),
@@ -260,10 +298,17 @@ impl<'a> Tracker<'a> {
                 Expect::Bind {
                     swallow: false,
                     statement: 0,
+                    client: None,
                 },
                 ClientAction::Forward,
             ),
-            b'D' => self.push(Expect::Describe { statement: 0 }, ClientAction::Forward),
+            b'D' => self.push(
+                Expect::Describe {
+                    statement: 0,
+                    client: None,
+                },
+                ClientAction::Forward,
+            ),
             b'C' => self.push(
                 Expect::Close {
                     swallow: false,
@@ -271,11 +316,13 @@ impl<'a> Tracker<'a> {
                 },
                 ClientAction::Forward,
             ),
-            b'Q' | b'F' => self.push(Expect::Query, ClientAction::Forward),
+            b'Q' | b'F' => self.push_query(false),
             b'E' => self.push(Expect::Execute, ClientAction::Forward),
             b'S' => {
                 self.skipping = false;
-                self.push(Expect::Sync, ClientAction::Forward)
+                let settles = std::mem::take(&mut self.uncertain_in_batch);
+                self.unsettled += settles as usize;
+                self.push(Expect::Sync { settles }, ClientAction::Forward)
             }
             // The end of a COPY whose CopyInResponse has not arrived yet.
             b'c' | b'f' => self.push(Expect::CopyEnd, ClientAction::Forward),
@@ -284,11 +331,39 @@ impl<'a> Tracker<'a> {
     }
 
     fn push(&mut self, expect: Expect, action: ClientAction) -> ClientAction {
+        if let Expect::Parse { undo, .. }
+        | Expect::Close { undo, .. }
+        | Expect::Synthetic { undo, .. } = &expect
+            && !matches!(undo, Undo::Nothing)
+        {
+            self.uncertain_in_batch = true;
+        }
         self.queue.push_back(expect);
         action
     }
 
-    fn parse(&mut self, body: &[u8]) -> ClientAction {
+    /// A Query (or FunctionCall): its own batch. `changes_names`: it runs `DEALLOCATE` or
+    /// `DISCARD`, whose effect on names is known only when its CommandComplete arrives.
+    fn push_query(&mut self, changes_names: bool) -> ClientAction {
+        let settles = std::mem::take(&mut self.uncertain_in_batch) || changes_names;
+        self.unsettled += settles as usize;
+        self.push(Expect::Query { settles }, ClientAction::Forward)
+    }
+
+    /// The front entry of the queue, now answered; COPY ends behind it whose COPY never
+    /// started go too.
+    fn pop_front(&mut self) -> Option<Expect> {
+        let front = self.queue.pop_front();
+        if let Some(Expect::Sync { settles: true } | Expect::Query { settles: true }) = front {
+            self.unsettled -= 1;
+        }
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
+        front
+    }
+
+    fn parse(&mut self, body: &[u8], status: u8) -> ClientAction {
         let mut pos = 0;
         let Some(name) = cstr(body, &mut pos) else {
             return ClientAction::Forward;
@@ -304,19 +379,26 @@ impl<'a> Tracker<'a> {
             );
         }
         if self.client.names.contains_key(name) {
-            return self.already_exists(name);
+            return self.already_exists(name, &body[pos..]);
         }
         let statement = self.registry.statement(&body[pos..]);
         self.may_leave(statement.leftovers);
-        self.client.names.insert(name.to_owned(), statement.clone());
+        let name: Arc<str> = name.into();
+        self.client.names.insert(name.clone(), statement.clone());
+        if status == b'E' {
+            // In a failed transaction PostgreSQL refuses the Parse (unless it is COMMIT or
+            // ROLLBACK): let it judge.
+            self.check_text(&body[pos..], false, Undo::Unmap(name));
+            return ClientAction::Replace;
+        }
         if self.server.has(statement.id) {
             self.registry.counters.hits.fetch_add(1, Ordering::Relaxed);
-            let undo = Undo::Unmap(name.to_owned());
+            let undo = Undo::Unmap(name);
             let response = Synthetic::ParseComplete;
             return self.push(Expect::Synthetic { response, undo }, ClientAction::Replace);
         }
         self.prepare_on_server(&statement, false);
-        let undo = Undo::UnmapAndForget(name.to_owned(), statement.id);
+        let undo = Undo::UnmapAndForget(name, statement.id);
         self.push(
             Expect::Parse {
                 swallow: false,
@@ -361,8 +443,11 @@ impl<'a> Tracker<'a> {
     }
 
     /// Re-Parse of a name without Close: the server raises 42P05 itself, so the transaction
-    /// fails and the batch is skipped exactly as PostgreSQL would.
-    fn already_exists(&mut self, name: &str) -> ClientAction {
+    /// fails and the batch is skipped exactly as PostgreSQL would. PostgreSQL checks the text
+    /// first (a syntax error, or 25P02 in a failed transaction, wins over the duplicate): the
+    /// text is parsed as an unnamed statement before the error is raised.
+    fn already_exists(&mut self, name: &str, query_and_types: &[u8]) -> ClientAction {
+        self.check_text(query_and_types, true, Undo::Nothing);
         let message = format!("prepared statement \"{name}\" already exists");
         self.raise("42P05", &message, "prepare.c", "StorePreparedStatement")
     }
@@ -389,30 +474,27 @@ impl<'a> Tracker<'a> {
                 b"\0\0",
             ],
         );
-        let message = message.replace('\'', "''");
-        let sql = format!(
-            "DO $__fg$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END$__fg$",
-            message.replace("$__fg$", "")
-        );
-        put_message(self.out, b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"]);
-        put_message(self.out, b'B', &[b"\0\0\0\0\0\0\0\0"]);
-        put_message(self.out, b'E', &[b"\0\0\0\0\0"]);
-        self.push(
-            Expect::Parse {
-                swallow: true,
-                undo: Undo::Nothing,
-            },
-            ClientAction::Forward,
-        );
-        self.push(
-            Expect::Bind {
-                swallow: true,
-                statement: 0,
-            },
-            ClientAction::Forward,
-        );
+        // A Bind of a statement that does not exist fails before it touches any portal or
+        // statement (in a failed transaction too), so nothing of the client's is disturbed.
+        let missing = self.registry.reserved_name("missing");
+        put_message(self.out, b'B', &[b"\0", missing.as_bytes(), b"\0", &[0; 6]]);
         let error = error.to_vec().into_boxed_slice();
         self.push(Expect::Raised { error }, ClientAction::Replace)
+    }
+
+    /// Has the server judge a Parse's text (syntax; a failed transaction refuses all but
+    /// COMMIT and ROLLBACK) under a name of the proxy's, closed at once: the client's unnamed
+    /// statement is left alone. The client gets the ParseComplete unless `swallow`.
+    fn check_text(&mut self, query_and_types: &[u8], swallow: bool, undo: Undo) {
+        let check = self.registry.reserved_name("check");
+        put_message(self.out, b'P', &[check.as_bytes(), b"\0", query_and_types]);
+        self.push(Expect::Parse { swallow, undo }, ClientAction::Forward);
+        put_message(self.out, b'C', &[b"S", check.as_bytes(), b"\0"]);
+        let close = Expect::Close {
+            swallow: true,
+            undo: Undo::Nothing,
+        };
+        self.push(close, ClientAction::Forward);
     }
 
     fn bind(&mut self, body: &[u8]) -> ClientAction {
@@ -420,14 +502,16 @@ impl<'a> Tracker<'a> {
         let (Some(portal), Some(name)) = (cstr(body, &mut pos), cstr(body, &mut pos)) else {
             return ClientAction::Forward;
         };
-        let Some(statement) = self.client.names.get(name).cloned() else {
+        let Some((client, statement)) = self.client.names.get_key_value(name) else {
             // Unnamed, or unknown: the server answers as PostgreSQL would (26000).
             let expect = Expect::Bind {
                 swallow: false,
                 statement: 0,
+                client: None,
             };
             return self.push(expect, ClientAction::Forward);
         };
+        let (client, statement) = (client.clone(), statement.clone());
         self.may_leave(statement.leftovers);
         if let Some(refused) = self.refuse_superseded(&statement) {
             return refused;
@@ -443,6 +527,7 @@ impl<'a> Tracker<'a> {
         let expect = Expect::Bind {
             swallow: false,
             statement: statement.id,
+            client: Some(client),
         };
         self.push(expect, ClientAction::Replace)
     }
@@ -453,12 +538,19 @@ impl<'a> Tracker<'a> {
         let kind = body.first().copied();
         let name = cstr(body, &mut pos).unwrap_or_default();
         let tracked = if kind == Some(b'S') && !name.is_empty() {
-            self.client.names.get(name).cloned()
+            let entry = self.client.names.get_key_value(name);
+            entry.map(|(client, statement)| (client.clone(), statement.clone()))
         } else {
             None
         };
         match (tracked, describe) {
-            (None, true) => self.push(Expect::Describe { statement: 0 }, ClientAction::Forward),
+            (None, true) => {
+                let expect = Expect::Describe {
+                    statement: 0,
+                    client: None,
+                };
+                self.push(expect, ClientAction::Forward)
+            }
             (None, false) => {
                 let undo = Undo::Nothing;
                 self.push(
@@ -469,7 +561,7 @@ impl<'a> Tracker<'a> {
                     ClientAction::Forward,
                 )
             }
-            (Some(statement), true) => {
+            (Some((client, statement)), true) => {
                 if let Some(refused) = self.refuse_superseded(&statement) {
                     return refused;
                 }
@@ -477,13 +569,14 @@ impl<'a> Tracker<'a> {
                 put_message(self.out, b'D', &[b"S", statement.name.as_bytes(), b"\0"]);
                 let expect = Expect::Describe {
                     statement: statement.id,
+                    client: Some(client),
                 };
                 self.push(expect, ClientAction::Replace)
             }
-            (Some(statement), false) => {
+            (Some((client, statement)), false) => {
                 // The server keeps it for others; only this client's name goes.
                 self.client.names.remove(name);
-                let undo = Undo::Remap(name.to_owned(), statement);
+                let undo = Undo::Remap(client, statement);
                 let response = Synthetic::CloseComplete;
                 self.push(Expect::Synthetic { response, undo }, ClientAction::Replace)
             }
@@ -520,13 +613,15 @@ impl<'a> Tracker<'a> {
     fn query(&mut self, body: &[u8], status: u8) -> ClientAction {
         if status != b'E'
             && let Some(name) = deallocate_target(body)
-            && let Some(statement) = self.client.names.remove(&name)
+            && let Some((name, statement)) = self.client.names.remove_entry(name.as_str())
         {
+            // Answered here, in its turn; nothing can make it fail now (see `must_wait`).
             let undo = Undo::Remap(name, statement);
             let response = Synthetic::Deallocated;
-            return self.push(Expect::Synthetic { response, undo }, ClientAction::Replace);
+            self.queue.push_back(Expect::Synthetic { response, undo });
+            return ClientAction::Replace;
         }
-        self.push(Expect::Query, ClientAction::Forward)
+        self.push_query(changes_names(body))
     }
 
     fn undo(&mut self, expect: Expect) {
@@ -567,11 +662,9 @@ impl<'a> Tracker<'a> {
             *pending = pending.saturating_sub(self.copy_in_started());
             return ServerAction::Forward;
         }
-        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
-            self.queue.pop_front(); // a COPY that never started
-        }
         match tag {
-            b'1' | b'2' | b'3' => forward(match self.queue.pop_front() {
+            b'1' | b'2' | b'3' => forward(match self.pop_front() {
+                Some(Expect::Raised { .. }) => true,
                 Some(Expect::Parse { swallow, .. }) => swallow,
                 Some(Expect::Bind { swallow, .. }) | Some(Expect::Close { swallow, .. }) => swallow,
                 _ => false,
@@ -605,15 +698,32 @@ impl<'a> Tracker<'a> {
                 ServerAction::Forward
             }
             b'Z' => {
-                self.complete_if(|e| matches!(e, Expect::Sync | Expect::Query));
+                self.complete_if(|e| matches!(e, Expect::Sync { .. } | Expect::Query { .. }));
                 ServerAction::Forward
             }
             b'E' => {
-                let replace = match self.queue.front_mut() {
+                self.out.clear();
+                let replace = match self.queue.front() {
                     Some(Expect::Raised { error }) => {
-                        self.out.clear();
                         self.out.extend_from_slice(error);
                         true
+                    }
+
+                    Some(
+                        Expect::Bind {
+                            statement,
+                            client: Some(client),
+                            ..
+                        }
+                        | Expect::Describe {
+                            statement,
+                            client: Some(client),
+                        },
+                    ) => {
+                        // The server names the statement as the proxy does; the client must
+                        // read its own name, as PostgreSQL would show it.
+                        let server_name = self.registry.name_of(*statement);
+                        rename_in_error(msg, &server_name, client, self.out)
                     }
                     _ => false,
                 };
@@ -635,8 +745,9 @@ impl<'a> Tracker<'a> {
         let mut i = 1; // the front is the Execute or Query that started the COPY
         while i < self.queue.len() {
             match self.queue[i] {
-                Expect::Sync => {
+                Expect::Sync { settles } => {
                     self.queue.remove(i);
+                    self.unsettled -= settles as usize;
                     ignored += 1;
                 }
                 Expect::CopyEnd => {
@@ -652,69 +763,73 @@ impl<'a> Tracker<'a> {
 
     fn complete_if(&mut self, f: impl Fn(&Expect) -> bool) {
         if self.queue.front().is_some_and(f) {
-            self.queue.pop_front();
+            self.pop_front();
         }
     }
 
     /// An extended-protocol message failed: it and everything up to the next Sync are skipped
     /// (a Query or FunctionCall among them too: its answer will not come, so `pending` drops).
+    /// What the skipped messages would have done is undone, last first.
     fn on_error(&mut self, msg: &[u8], pending: &mut usize) {
         let Some(front) = self.queue.front() else {
             return;
         };
-        if matches!(front, Expect::Query | Expect::Sync) {
+        if matches!(front, Expect::Query { .. } | Expect::Sync { .. }) {
             return; // a simple query's error; its ReadyForQuery completes it
         }
         let code = error_field(msg, b'C');
-        if let Some(failed) = self.queue.pop_front() {
+        let mut skipped = Vec::new();
+        if let Some(failed) = self.pop_front() {
             match failed {
                 // A Parse the proxy added failed because the name is taken: the server's
                 // statements are not what the proxy recorded. Forget this one, drop them all
                 // before anyone else uses the server.
-                Expect::Parse {
+                e @ Expect::Parse {
                     swallow: true,
-                    undo: undo @ Undo::Forget(_),
+                    undo: Undo::Forget(_),
                 } if code == Some("42P05") => {
                     self.may_leave(Leftovers::PREPARED);
-                    self.undo(Expect::Parse {
-                        swallow: true,
-                        undo,
-                    });
+                    skipped.push(e);
                 }
-                // The statement's plan is stale (a schema change under `SELECT *`): the server
-                // keeps refusing it until it is prepared again, so the client's retry must
-                // reach PostgreSQL as a real Parse, after a Close.
-                Expect::Bind { statement, .. } | Expect::Describe { statement }
+                // The statement's plan is stale (a schema change under `SELECT *`): clients
+                // preparing this text from now on get a new statement.
+                Expect::Bind { statement, .. } | Expect::Describe { statement, .. }
                     if statement != 0
                         && code == Some(STALE_CODE)
                         && error_field(msg, b'M') == Some(STALE_MESSAGE) =>
                 {
-                    // Clients preparing this text from now on get a new statement.
                     if let Some(s) = self.server.mark_stale(statement) {
                         s.superseded.store(true, Ordering::Relaxed);
                     }
                 }
-                e => self.undo(e),
+                e => skipped.push(e),
             }
         }
         // Everything after it, up to the next Sync, is skipped by the server.
         while let Some(e) = self.queue.front() {
-            if matches!(e, Expect::Sync) {
-                return;
+            if matches!(e, Expect::Sync { .. }) {
+                break;
             }
-            if let Some(e) = self.queue.pop_front() {
-                if matches!(e, Expect::Query) {
+            if let Some(e) = self.pop_front() {
+                if matches!(e, Expect::Query { .. }) {
                     *pending = pending.saturating_sub(1);
                 }
-                self.undo(e);
+                skipped.push(e);
             }
         }
-        self.skipping = true;
+        for e in skipped.into_iter().rev() {
+            self.undo(e);
+        }
+        // No Sync sent yet: what the client sends until it is skipped too.
+        self.skipping = self.queue.is_empty();
     }
 
     /// Responses owed by the proxy that are now due (at the front of the queue), appended to
     /// `out`. `status` is the transaction status of the last ReadyForQuery.
     pub fn take_due(&mut self, out: &mut BytesMut, status: u8) {
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front(); // a COPY that never started
+        }
         while let Some(Expect::Synthetic { response, .. }) = self.queue.front() {
             match response {
                 Synthetic::ParseComplete => put_message(out, b'1', &[]),
@@ -733,6 +848,31 @@ impl<'a> Tracker<'a> {
     pub fn uncertain(&self) -> bool {
         !self.queue.is_empty()
     }
+}
+
+/// True when a Query's SQL may change the statements the client has (`DEALLOCATE`, `DISCARD`).
+fn changes_names(body: &[u8]) -> bool {
+    let has = |word: &[u8]| {
+        body.windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    has(b"deallocate") || has(b"discard")
+}
+
+/// Writes `error` (an ErrorResponse) to `out` with every `"from"` in its fields replaced by
+/// `"to"`; false (nothing written) when it does not mention `from`.
+fn rename_in_error(error: &[u8], from: &str, to: &str, out: &mut BytesMut) -> bool {
+    let quoted = format!("\"{from}\"");
+    let body = error.get(HEADER_LEN..).unwrap_or_default();
+    let Ok(text) = std::str::from_utf8(body) else {
+        return false;
+    };
+    if !text.contains(&quoted) {
+        return false;
+    }
+    let renamed = text.replace(&quoted, &format!("\"{to}\""));
+    put_message(out, b'E', &[renamed.as_bytes()]);
+    true
 }
 
 /// What PostgreSQL says when a prepared statement's result shape changed under it.

@@ -69,6 +69,16 @@ impl Default for Registry {
 }
 
 impl Registry {
+    /// A statement name of the proxy's own for `what` (never a registered statement's).
+    pub(super) fn reserved_name(&self, what: &str) -> String {
+        format!("{NAME_PREFIX}{:08x}_{what}", self.tag)
+    }
+
+    /// The proxy-wide name of statement `id`.
+    pub(super) fn name_of(&self, id: u64) -> String {
+        format!("{NAME_PREFIX}{:08x}_{id}", self.tag)
+    }
+
     /// The statement for a Parse body's query-and-types part.
     pub(super) fn statement(&self, key: &[u8]) -> Arc<Statement> {
         let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,7 +94,7 @@ impl Registry {
                 .store(2 * map.len() as u64, Ordering::Relaxed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = format!("{NAME_PREFIX}{:08x}_{id}", self.tag);
+        let name = self.name_of(id);
         let mut parse = BytesMut::with_capacity(HEADER_LEN + name.len() + 1 + key.len());
         parse.put_u8(b'P');
         parse.put_u32((4 + name.len() + 1 + key.len()) as u32);
@@ -108,7 +118,7 @@ impl Registry {
 /// One client's statement names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    pub(super) names: HashMap<String, Arc<Statement>>,
+    pub(super) names: HashMap<Arc<str>, Arc<Statement>>,
 }
 
 impl ClientStatements {
@@ -146,7 +156,7 @@ impl ClientStatements {
             }
         }
         for (name, key) in names {
-            self.names.insert(name, registry.statement(key));
+            self.names.insert(name.into(), registry.statement(key));
             put_message(out, b'1', &[]);
         }
         put_message(out, b'Z', &[b"I"]);
