@@ -265,7 +265,9 @@ async fn login(
         cancel,
         cbuf: BytesMut::new(),
         sbuf: BytesMut::new(),
-        statements: ClientStatements::default(),
+        statements: ClientStatements::with_limit(
+            shared.config.floodgate.max_client_prepared_statements,
+        ),
         scratch: Scratch::default(),
         _admitted: admitted,
     }))

@@ -99,6 +99,10 @@ pub struct General {
     /// Named prepared statements kept per server connection in transaction mode (LRU);
     /// 0 turns tracking off (statements pass through as in session mode).
     pub max_prepared_statements: usize,
+    /// Named prepared statements one client may have at once (transaction mode); 0 = no limit.
+    pub max_client_prepared_statements: usize,
+    /// Bytes the proxy-wide statement registry may take (the statements' text).
+    pub max_prepared_statement_bytes: usize,
     /// How many Floodgate processes run against the same databases (for the connection math).
     pub instances: usize,
     /// Largest share of a server's usable connections this configuration may take.
@@ -163,6 +167,8 @@ impl Default for General {
             reserve_pool_size: 0,
             reserve_pool_timeout: Duration::from_secs(5),
             max_prepared_statements: 200,
+            max_client_prepared_statements: 1000,
+            max_prepared_statement_bytes: 64 << 20,
             max_packet_size: 1_073_741_823,
             instances: 1,
             connection_budget: 0.7,

@@ -51,12 +51,13 @@ impl Proxy {
             })?;
         let local_addr = listener.local_addr()?;
         let users = Arc::new(UserStore::new(&config));
+        let statement_budget = config.floodgate.max_prepared_statement_bytes;
         let shared = Arc::new(Shared {
             pools: Pools::new(config.clone(), users.clone()),
             users,
             config,
             cancels: Arc::new(CancelRegistry::default()),
-            statements: Default::default(),
+            statements: crate::protocol::prepared::Registry::new(statement_budget),
             shutdown: watch::Sender::new(false),
             limits: Default::default(),
         });

@@ -19,6 +19,15 @@ use crate::protocol::pipeline::{ClientAction, ServerAction, Tracker};
 
 /// Largest server message the relay holds whole (ErrorResponse, ParameterStatus).
 const MAX_HELD_SERVER_MESSAGE: usize = 1 << 20;
+/// Backpressure: while this many messages are in flight, or this many bytes are owed to the
+/// client and not yet written, nothing more is read from the client. A client that pipelines
+/// without reading costs at most about 4,096 queue entries (160 KiB) and 64 KiB of answers,
+/// whatever it sends. (More than PostgreSQL can keep unflushed in its 8 KiB output buffer,
+/// about 1,600 five-byte answers, so answers always keep coming.)
+const MAX_IN_FLIGHT: usize = 4096;
+const MAX_OWED_TO_CLIENT: usize = 64 * 1024;
+/// A Flush message.
+const FLUSH: &[u8] = b"H\0\0\0\x04";
 
 /// Where a transaction stands, from the messages seen both ways.
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +243,8 @@ impl Relay<'_> {
         let mut up = Flow::new(max_packet_size);
         let mut down = Flow::new(usize::MAX >> 1);
         let mut client_left = false;
+        // A Flush was added for the answers in flight (once until the server answers).
+        let mut flush_sent = false;
         let abandoned = |tx, up: &Flow, down: &Flow| Abandoned {
             state: tx,
             unsent: up.ready,
@@ -268,6 +279,7 @@ impl Relay<'_> {
                     down.ready -= n;
                 }
                 Event::FromServer(Ok(1..)) => {
+                    flush_sent = false;
                     let params = (&mut *client_params, &mut *server_params);
                     if let Err(e) = scan_server(sbuf, &mut down, &mut tx, params, &mut tracker) {
                         return Outcome::ServerLost {
@@ -343,12 +355,23 @@ impl Relay<'_> {
             }
             // Both directions at once: a client that pipelines without reading its results
             // cannot wedge the proxy between two full socket buffers.
+            if tracker.in_flight() >= MAX_IN_FLIGHT && !flush_sent && up.scanner.at_boundary() {
+                // PostgreSQL keeps small answers in its output buffer until a Sync or Flush;
+                // the client's may be behind what is no longer read. Ask for them (a Flush has
+                // no answer and changes nothing else).
+                splice(cbuf, up.ready, up.ready, FLUSH);
+                up.ready += FLUSH.len();
+                flush_sent = true;
+            }
+            let client_may_send = !up.waiting
+                && tracker.in_flight() < MAX_IN_FLIGHT
+                && sbuf.len() <= MAX_OWED_TO_CLIENT;
             let (mut cr, mut cw) = client.split();
             let (mut sr, mut sw) = server.split();
             let c2s = async {
                 if up.ready > 0 {
                     Event::ToServer(sw.write(&cbuf[..up.ready]).await)
-                } else if up.waiting {
+                } else if !client_may_send {
                     std::future::pending().await
                 } else {
                     crate::buffers::fill(cbuf);
@@ -445,10 +468,13 @@ fn scan_client(
 ) -> Result<(), String> {
     up.waiting = false;
     loop {
-        let whole = |tag, len| tag == b'X' || tracker.wants_whole(tag, len);
+        let hold = |tag, len| match tag {
+            b'X' => len,
+            _ => tracker.hold(tag, len),
+        };
         let item = up
             .scanner
-            .next(cbuf, up.ready, whole)
+            .next(cbuf, up.ready, hold)
             .map_err(|e| e.to_string())?;
         let (tag, start, mut end) = match item {
             Item::End => return Ok(()),
@@ -531,7 +557,11 @@ fn scan_server(
     (client_params, server_params): (&mut Params, &mut Params),
     tracker: &mut Tracker,
 ) -> Result<(), FrameError> {
-    let held = |tag, _| matches!(tag, b'Z' | b'S' | b'E') || Tracker::wants_whole_from_server(tag);
+    let held = |tag, len| match matches!(tag, b'Z' | b'S' | b'E') || Tracker::held_from_server(tag)
+    {
+        true => len,
+        false => 0,
+    };
     loop {
         let ready = &mut down.ready;
         match down.scanner.next(sbuf, *ready, held)? {
@@ -567,6 +597,14 @@ fn scan_server(
                         }
                     };
                 let body = &sbuf[start + HEADER_LEN..end];
+                if tag == b'E' && is_fatal(body) && state.is_idle() && tracker.is_idle() {
+                    // The server is going away (shut down, terminated) between transactions:
+                    // its FATAL answers nothing this client asked, and the client goes on with
+                    // another server. Not forwarded; the pool drops the dead connection.
+                    state.server_fatal = true;
+                    splice(sbuf, start, end, &[]);
+                    continue;
+                }
                 match tag {
                     b'Z' => {
                         state.answered += 1;

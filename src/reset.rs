@@ -148,8 +148,8 @@ pub async fn clean(
         }
     }
     if !left.contains(Leftovers::PREPARED) {
-        for statement in server.statements.take_all_stale() {
-            sql.push_str(&format!("DEALLOCATE {};", statement.name));
+        for name in server.statements.take_all_stale() {
+            sql.push_str(&format!("DEALLOCATE {name};"));
         }
     }
     if !sql.is_empty() {
@@ -224,7 +224,7 @@ async fn drain(
     let mut pos = 0;
     while state.pending > 0 {
         match scanner
-            .next(buf, pos, |t, _| t == b'Z')
+            .next(buf, pos, |t, len| if t == b'Z' { len } else { 0 })
             .map_err(|e| e.to_string())?
         {
             Item::Body { to } => pos = to,

@@ -128,3 +128,36 @@ async fn a_query_timeout_cancel_never_hits_the_next_client() {
         }
     }
 }
+
+/// Backpressure never deadlocks a client that sends a long pipeline before reading: 10,000
+/// Close/Parse pairs the proxy answers itself (the server already has the statement), behind
+/// answers PostgreSQL keeps in its output buffer until a Sync, then the Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_answered_by_the_proxy_completes() {
+    let env = trust_env(1, &[]).await;
+    let mut raw = raw_login_trust(env.addr()).await;
+    let mut first = parse("a", "SELECT 1");
+    first.extend(message(b'S', &[]));
+    send_raw(&mut raw, &first).await;
+    assert_eq!(until_ready(&mut raw, "prepare").await, b"1Z");
+    let mut close = b"S".to_vec();
+    close.extend(cstr("a"));
+    let pair = [message(b'C', &close), parse("a", "SELECT 1")].concat();
+    const PAIRS: usize = 10_000;
+    // A Describe first: its answer waits in PostgreSQL's output buffer, in front of all the
+    // proxy's own answers.
+    let mut describe = b"S".to_vec();
+    describe.extend(cstr("a"));
+    let mut batch = message(b'D', &describe);
+    batch.extend(pair.repeat(PAIRS));
+    batch.extend(message(b'S', &[]));
+    send_raw(&mut raw, &batch).await;
+    let seen = until_ready(&mut raw, "the pipeline's answers").await;
+    assert_eq!(seen.len(), 2 + 2 * PAIRS + 1);
+    assert_eq!(&seen[..2], b"tT", "ParameterDescription, RowDescription");
+    assert!(
+        seen[2..2 + 2 * PAIRS].chunks(2).all(|c| c == b"31"),
+        "CloseComplete, ParseComplete"
+    );
+    server_is_free(&env).await;
+}

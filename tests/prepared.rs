@@ -1422,3 +1422,65 @@ async fn max_prepared_statements_0_passes_statements_through() {
     assert_eq!(got, vec![complete("COMMIT"), Msg::Ready('I')]);
     assert!(env.backend_count().await <= 2, "pool of 2 exceeded");
 }
+
+/// Memory bounds on named statements: one client may have at most
+/// `max_client_prepared_statements`, and all distinct statements together at most
+/// `max_prepared_statement_bytes`; past either, ERROR 53400 naming the setting, the session
+/// goes on, and closing statements makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_limits_give_a_clear_error() {
+    let env = trust_env(
+        2,
+        &[
+            "max_client_prepared_statements = 3",
+            "max_prepared_statement_bytes = 16384",
+        ],
+    )
+    .await;
+    let c = env.connect().await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(
+            c.prepare(&format!("SELECT {i}"))
+                .await
+                .expect("within the limit"),
+        );
+    }
+    let err = c.prepare("SELECT 3").await.expect_err("one too many");
+    assert_eq!(sqlstate(&err), "53400", "{}", describe(&err));
+    assert!(db_message(&err).contains("max_client_prepared_statements = 3"));
+    assert_eq!(scalar(&c, "SELECT 'still here'").await, "still here");
+    held.pop(); // tokio-postgres closes a dropped statement
+    let s = within("room again", c.prepare("SELECT 3"))
+        .await
+        .expect("room again");
+    assert_eq!(c.query_one(&s, &[]).await.unwrap().get::<_, i32>(0), 3);
+
+    // Long statements from several clients fill the registry's budget.
+    let long = |i: usize| format!("SELECT {i} AS v -- {}", "x".repeat(3000));
+    let mut clients = Vec::new();
+    let mut refused = None;
+    for i in 0..10 {
+        let client = env.connect().await;
+        match client.prepare(&long(i)).await {
+            Ok(statement) => clients.push((client, statement)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the budget is reached");
+    assert_eq!(sqlstate(&err), "53400", "{}", describe(&err));
+    assert!(db_message(&err).contains("max_prepared_statement_bytes"));
+    // Statements in use keep working; once their clients leave, new ones fit again.
+    for (client, statement) in &clients {
+        client.query_one(statement, &[]).await.expect("still works");
+    }
+    drop(clients);
+    wait_until("room in the registry", || async {
+        let client = env.connect().await;
+        client.prepare(&long(100)).await.is_ok()
+    })
+    .await;
+}

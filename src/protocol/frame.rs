@@ -49,9 +49,9 @@ pub enum Item {
     End,
     /// Body bytes of a message being streamed through, up to (not including) this offset.
     Body { to: usize },
-    /// A message starting at `start`. When the caller asked for it whole, `end` is the offset just
-    /// past it and all of it is in the buffer; otherwise `end` is just past the header and the body
-    /// is streamed as [`Item::Body`].
+    /// A message starting at `start`. `buf[start..end]` is its header and as much of its body as
+    /// the caller asked to hold (all of it, a prefix, or nothing), all in the buffer; the rest of
+    /// the body is streamed as [`Item::Body`].
     Message { tag: u8, start: usize, end: usize },
 }
 
@@ -77,13 +77,14 @@ impl Scanner {
         self.body_left == 0
     }
 
-    /// The next item in `buf[pos..]`. `whole(tag, body_len)` says which messages the caller must
-    /// see in one piece (they are held back until complete).
+    /// The next item in `buf[pos..]`. `hold(tag, body_len)` says how many body bytes of a
+    /// message the caller must see in one piece with its header (they are held back until
+    /// they have all arrived): `body_len` for the whole message, 0 to stream it.
     pub fn next(
         &mut self,
         buf: &[u8],
         pos: usize,
-        whole: impl Fn(u8, usize) -> bool,
+        hold: impl Fn(u8, usize) -> usize,
     ) -> Result<Item, FrameError> {
         let avail = buf.len().saturating_sub(pos);
         if self.body_left > 0 {
@@ -97,21 +98,15 @@ impl Scanner {
         let Some((tag, body)) = header(&buf[pos.min(buf.len())..], self.max_len)? else {
             return Ok(Item::End);
         };
-        if whole(tag, body) {
-            if avail < HEADER_LEN + body {
-                return Ok(Item::End);
-            }
-            return Ok(Item::Message {
-                tag,
-                start: pos,
-                end: pos + HEADER_LEN + body,
-            });
+        let held = hold(tag, body).min(body);
+        if avail < HEADER_LEN + held {
+            return Ok(Item::End);
         }
-        self.body_left = body;
+        self.body_left = body - held;
         Ok(Item::Message {
             tag,
             start: pos,
-            end: pos + HEADER_LEN,
+            end: pos + HEADER_LEN + held,
         })
     }
 }
@@ -184,7 +179,7 @@ mod tests {
         let mut buf = msg(b'D', b"0123456789");
         buf.extend(msg(b'Z', b"I"));
         let mut s = Scanner::new(1000);
-        let whole = |t, _| t == b'Z';
+        let whole = |t, len| if t == b'Z' { len } else { 0 };
         // only part of the stream has arrived
         let part = &buf[..8];
         assert_eq!(
@@ -214,6 +209,31 @@ mod tests {
                 end: 21
             })
         );
+    }
+
+    #[test]
+    fn a_prefix_is_held_and_the_rest_streamed() {
+        let buf = msg(b'B', b"portal\0stmt\0lots of parameter bytes");
+        let mut s = Scanner::new(1000);
+        assert_eq!(
+            s.next(&buf[..10], 0, |_, _| 12),
+            Ok(Item::End),
+            "the prefix is not all there"
+        );
+        assert_eq!(
+            s.next(&buf, 0, |_, _| 12),
+            Ok(Item::Message {
+                tag: b'B',
+                start: 0,
+                end: 17
+            })
+        );
+        assert!(!s.at_boundary());
+        assert_eq!(
+            s.next(&buf, 17, |_, _| 12),
+            Ok(Item::Body { to: buf.len() })
+        );
+        assert!(s.at_boundary());
     }
 
     #[test]

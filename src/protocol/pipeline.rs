@@ -12,11 +12,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use super::frame::{HEADER_LEN, cstr};
 use super::prepared::{
-    ClientStatements, Registry, ServerStatements, Statement, deallocate_target, put_message,
+    ClientStatements, Recorded, Registry, ServerStatements, Statement, deallocate_target,
+    put_message,
 };
 use super::sql::{self, Leftovers};
 
@@ -33,7 +34,7 @@ enum Undo {
     /// A client Close of a tracked name: the name still exists.
     Remap(Arc<str>, Arc<Statement>),
     /// A Close the proxy added to evict a statement: the server still has it.
-    Keep(Arc<Statement>),
+    Keep(Recorded),
 }
 
 /// A response the proxy owes the client that the server will not send.
@@ -229,16 +230,32 @@ impl<'a> Tracker<'a> {
         self.queue.is_empty()
     }
 
-    /// Client messages the tracker must see whole (`len`: body length): those it rewrites, and
-    /// SQL short enough to read for session state it may leave.
-    pub fn wants_whole(&self, tag: u8, len: usize) -> bool {
-        (self.rewrite && matches!(tag, b'P' | b'B' | b'D' | b'C'))
-            || (matches!(tag, b'Q' | b'P') && len <= MAX_READ_SQL && self.leftovers.is_some())
-            || (self.rewrite && tag == b'Q' && len <= MAX_READ_SQL)
+    /// Messages in flight (answers owed, by the server or the proxy).
+    pub fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// How much of a client message (`len`: its body length) the tracker must see at once:
+    /// all of it for messages it rewrites or whose SQL it reads (up to a bound), the names at
+    /// the front of a large Bind (its parameters stream through) or of a Parse too large to
+    /// keep, nothing for the rest. Whatever a client sends, the proxy holds at most
+    /// [`MAX_NAMED_PARSE`] of it.
+    pub fn hold(&self, tag: u8, len: usize) -> usize {
+        let read_sql = self.rewrite || self.leftovers.is_some();
+        match tag {
+            b'Q' if read_sql && len <= MAX_READ_SQL => len,
+            b'P' if self.rewrite && len <= MAX_NAMED_PARSE => len,
+            b'P' if self.rewrite => NAMES_PREFIX,
+            b'P' if read_sql && len <= MAX_READ_SQL => len,
+            b'B' if self.rewrite && len <= MAX_READ_SQL => len,
+            b'B' if self.rewrite => NAMES_PREFIX,
+            b'D' | b'C' if self.rewrite && len <= MAX_READ_SQL => len,
+            _ => 0,
+        }
     }
 
     /// Server message types the tracker must see whole.
-    pub fn wants_whole_from_server(tag: u8) -> bool {
+    pub fn held_from_server(tag: u8) -> bool {
         matches!(tag, b'1' | b'2' | b'3' | b'C')
     }
 
@@ -282,8 +299,8 @@ impl<'a> Tracker<'a> {
             _ => {}
         }
         match tag {
-            b'P' if self.rewrite => self.parse(body, status),
-            b'B' if self.rewrite => self.bind(body),
+            b'P' if self.rewrite => self.parse(msg, body, status),
+            b'B' if self.rewrite => self.bind(msg, body),
             b'D' if self.rewrite => self.describe_or_close(body, true),
             b'C' if self.rewrite => self.describe_or_close(body, false),
             b'Q' if self.rewrite => self.query(body, status),
@@ -363,12 +380,24 @@ impl<'a> Tracker<'a> {
         front
     }
 
-    fn parse(&mut self, body: &[u8], status: u8) -> ClientAction {
+    fn parse(&mut self, msg: &[u8], body: &[u8], status: u8) -> ClientAction {
         let mut pos = 0;
         let Some(name) = cstr(body, &mut pos) else {
-            return ClientAction::Forward;
+            // Malformed (or a name longer than what is held): the server answers.
+            let undo = Undo::Nothing;
+            let expect = Expect::Parse {
+                swallow: false,
+                undo,
+            };
+            return self.push(expect, ClientAction::Forward);
         };
-        if name.is_empty() {
+        if !name.is_empty() && declared_body_len(msg) > body.len() {
+            // Too long to keep: it passes through under the client's name and lives on this
+            // server only, like an SQL PREPARE, so the server drops it before reuse.
+            self.may_leave(Leftovers::PREPARED);
+            self.unread_sql = true;
+        }
+        if name.is_empty() || declared_body_len(msg) > body.len() {
             let undo = Undo::Nothing;
             return self.push(
                 Expect::Parse {
@@ -381,7 +410,20 @@ impl<'a> Tracker<'a> {
         if self.client.names.contains_key(name) {
             return self.already_exists(name, &body[pos..]);
         }
-        let statement = self.registry.statement(&body[pos..]);
+        if self.client.full() {
+            let message = format!(
+                "too many prepared statements on this connection (max_client_prepared_statements \
+                 = {}): close some (Close, or DEALLOCATE) before preparing more",
+                self.client.max
+            );
+            return self.raise(CONFIGURATION_LIMIT, &message, "floodgate", "parse");
+        }
+        let Some(statement) = self.registry.statement(&body[pos..]) else {
+            let message = "the proxy's memory for prepared statements is full \
+                           (max_prepared_statement_bytes); close statements no longer used, or \
+                           use unnamed statements";
+            return self.raise(CONFIGURATION_LIMIT, message, "floodgate", "parse");
+        };
         self.may_leave(statement.leftovers);
         let name: Arc<str> = name.into();
         self.client.names.insert(name.clone(), statement.clone());
@@ -411,12 +453,13 @@ impl<'a> Tracker<'a> {
     /// Adds `s`'s Parse to `out`, evicting (Close) the least recently used statement if the
     /// server is full; `swallow` the ParseComplete when the client did not ask for it.
     fn prepare_on_server(&mut self, s: &Arc<Statement>, swallow: bool) {
-        if let Some(old) = self.server.insert(s.clone(), self.max) {
+        if let Some(old) = self.server.insert(s, self.max) {
             self.registry
                 .counters
                 .evictions
                 .fetch_add(1, Ordering::Relaxed);
-            put_message(self.out, b'C', &[b"S", old.name.as_bytes(), b"\0"]);
+            let name = self.registry.name_of(old.0);
+            put_message(self.out, b'C', &[b"S", name.as_bytes(), b"\0"]);
             let undo = Undo::Keep(old);
             self.push(
                 Expect::Close {
@@ -497,10 +540,16 @@ impl<'a> Tracker<'a> {
         self.push(close, ClientAction::Forward);
     }
 
-    fn bind(&mut self, body: &[u8]) -> ClientAction {
+    fn bind(&mut self, msg: &[u8], body: &[u8]) -> ClientAction {
         let mut pos = 0;
         let (Some(portal), Some(name)) = (cstr(body, &mut pos), cstr(body, &mut pos)) else {
-            return ClientAction::Forward;
+            // Malformed (or names longer than what is held): the server answers.
+            let expect = Expect::Bind {
+                swallow: false,
+                statement: 0,
+                client: None,
+            };
+            return self.push(expect, ClientAction::Forward);
         };
         let Some((client, statement)) = self.client.names.get_key_value(name) else {
             // Unnamed, or unknown: the server answers as PostgreSQL would (26000).
@@ -517,13 +566,16 @@ impl<'a> Tracker<'a> {
             return refused;
         }
         self.ensure_prepared(&statement);
+        // Only the names may be here (a large Bind's parameters stream on behind them): the
+        // length is the whole message's, adjusted for the new name.
         let rest = &body[pos..];
-        let name = statement.name.as_bytes();
-        put_message(
-            self.out,
-            b'B',
-            &[portal.as_bytes(), b"\0", name, b"\0", rest],
-        );
+        let new_name = statement.name.as_bytes();
+        let body_len = declared_body_len(msg) + new_name.len() - name.len();
+        self.out.put_u8(b'B');
+        self.out.put_u32((4 + body_len) as u32);
+        for part in [portal.as_bytes(), b"\0", new_name, b"\0", rest] {
+            self.out.put_slice(part);
+        }
         let expect = Expect::Bind {
             swallow: false,
             statement: statement.id,
@@ -644,9 +696,7 @@ impl<'a> Tracker<'a> {
             Undo::Remap(name, statement) => {
                 self.client.names.insert(name, statement);
             }
-            Undo::Keep(statement) => {
-                self.server.insert(statement, usize::MAX);
-            }
+            Undo::Keep(recorded) => self.server.record(recorded),
         }
     }
 
@@ -798,7 +848,8 @@ impl<'a> Tracker<'a> {
                         && code == Some(STALE_CODE)
                         && error_field(msg, b'M') == Some(STALE_MESSAGE) =>
                 {
-                    if let Some(s) = self.server.mark_stale(statement) {
+                    let name = self.registry.name_of(statement);
+                    if let Some(s) = self.server.mark_stale(statement, name) {
                         s.superseded.store(true, Ordering::Relaxed);
                     }
                 }
@@ -875,13 +926,29 @@ fn rename_in_error(error: &[u8], from: &str, to: &str, out: &mut BytesMut) -> bo
     true
 }
 
+/// configuration_limit_exceeded: a limit of the proxy's configuration was reached.
+const CONFIGURATION_LIMIT: &str = "53400";
+
 /// What PostgreSQL says when a prepared statement's result shape changed under it.
 const STALE_CODE: &str = "0A000";
 const STALE_MESSAGE: &str = "cached plan must not change result type";
 
 /// Longest Query or Parse whose SQL is read for the session state it may leave (longer ones
-/// are streamed through and judged by their CommandComplete tags).
+/// are streamed through and judged by their CommandComplete tags), and longest Bind, Describe
+/// or Close held whole.
 const MAX_READ_SQL: usize = 64 * 1024;
+/// Longest named Parse kept (its text is what other servers are prepared with); a longer one
+/// passes through under the client's own name, for its transaction only.
+pub const MAX_NAMED_PARSE: usize = 1 << 20;
+/// What is held of a Bind or Parse too long to hold whole: enough for the names at its front.
+const NAMES_PREFIX: usize = 4 * 1024;
+
+/// The body length a message's header declares (`msg` may hold only part of the body).
+fn declared_body_len(msg: &[u8]) -> usize {
+    msg.get(1..HEADER_LEN)
+        .map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .saturating_sub(4)
+}
 
 /// Field `code` (`C` SQLSTATE, `M` message) of an ErrorResponse message.
 fn error_field(msg: &[u8], code: u8) -> Option<&str> {

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -47,24 +47,64 @@ pub struct Counters {
 /// Every distinct statement any client has prepared, by (query, parameter types).
 #[derive(Debug)]
 pub struct Registry {
-    statements: Mutex<HashMap<Box<[u8]>, Arc<Statement>>>,
+    statements: Mutex<Statements>,
     next_id: AtomicU64,
-    /// Forget statements nobody uses once the map grows past this.
-    collect_at: AtomicU64,
     /// Random per process, part of every name.
     tag: u32,
+    /// Most bytes the statements may take (`max_prepared_statement_bytes`).
+    budget: usize,
     pub counters: Counters,
+}
+
+/// The registry's map and what it costs.
+#[derive(Debug, Default)]
+struct Statements {
+    map: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// Bytes held by the map's keys and statements, roughly.
+    bytes: usize,
+    /// Forget statements nobody uses once the map grows past this.
+    collect_at: usize,
+}
+
+/// What an entry costs besides its text: the map slot, the Statement, its name.
+const ENTRY_OVERHEAD: usize = 128;
+
+impl Statements {
+    fn cost(key: &[u8], s: &Statement) -> usize {
+        key.len() + s.parse.len() + ENTRY_OVERHEAD
+    }
+
+    /// Forgets the statements only the registry holds (no client or server uses them).
+    fn collect(&mut self) {
+        let mut freed = 0;
+        self.map.retain(|key, s| {
+            let keep = Arc::strong_count(s) > 1;
+            if !keep {
+                freed += Self::cost(key, s);
+            }
+            keep
+        });
+        self.bytes -= freed;
+        self.collect_at = 2 * self.map.len();
+    }
+}
+
+impl Registry {
+    /// A registry whose statements may take at most `budget` bytes.
+    pub fn new(budget: usize) -> Registry {
+        Registry {
+            statements: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            tag: rand::random(),
+            budget,
+            counters: Counters::default(),
+        }
+    }
 }
 
 impl Default for Registry {
     fn default() -> Registry {
-        Registry {
-            statements: Mutex::default(),
-            next_id: AtomicU64::new(0),
-            collect_at: AtomicU64::new(0),
-            tag: rand::random(),
-            counters: Counters::default(),
-        }
+        Registry::new(usize::MAX)
     }
 }
 
@@ -79,19 +119,23 @@ impl Registry {
         format!("{NAME_PREFIX}{:08x}_{id}", self.tag)
     }
 
-    /// The statement for a Parse body's query-and-types part.
-    pub(super) fn statement(&self, key: &[u8]) -> Arc<Statement> {
-        let mut map = self.statements.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(key)
+    /// The statement for a Parse body's query-and-types part; `None` when a new one does not
+    /// fit in the budget even after forgetting those nobody uses.
+    pub(super) fn statement(&self, key: &[u8]) -> Option<Arc<Statement>> {
+        let mut statements = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = statements.map.get(key)
             && !s.superseded.load(Ordering::Relaxed)
         {
-            return s.clone();
+            return Some(s.clone());
         }
-        if map.len() as u64 >= self.collect_at.load(Ordering::Relaxed).max(1024) {
-            // Only the registry holds it: no client or server uses it any more.
-            map.retain(|_, s| Arc::strong_count(s) > 1);
-            self.collect_at
-                .store(2 * map.len() as u64, Ordering::Relaxed);
+        let needed = key.len() * 2 + ENTRY_OVERHEAD;
+        if statements.map.len() >= statements.collect_at.max(1024)
+            || statements.bytes + needed > self.budget
+        {
+            statements.collect();
+        }
+        if statements.bytes + needed > self.budget {
+            return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = self.name_of(id);
@@ -110,8 +154,11 @@ impl Registry {
             leftovers: super::sql::leftovers(text),
             superseded: Default::default(),
         });
-        map.insert(key.into(), statement.clone());
-        statement
+        statements.bytes += Statements::cost(key, &statement);
+        if let Some(old) = statements.map.insert(key.into(), statement.clone()) {
+            statements.bytes -= Statements::cost(key, &old); // a superseded one
+        }
+        Some(statement)
     }
 }
 
@@ -119,6 +166,23 @@ impl Registry {
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     pub(super) names: HashMap<Arc<str>, Arc<Statement>>,
+    /// Most names it may have (`max_client_prepared_statements`; 0 = no limit).
+    pub max: usize,
+}
+
+impl ClientStatements {
+    /// No names yet; at most `max` (0: no limit).
+    pub fn with_limit(max: usize) -> ClientStatements {
+        ClientStatements {
+            names: HashMap::new(),
+            max,
+        }
+    }
+
+    /// True when one more name would pass `max_client_prepared_statements`.
+    pub(super) fn full(&self) -> bool {
+        self.max > 0 && self.names.len() >= self.max
+    }
 }
 
 impl ClientStatements {
@@ -147,7 +211,10 @@ impl ClientStatements {
                 b'P' => {
                     let mut at = 0;
                     let name = cstr(body, &mut at).filter(|n| !n.is_empty())?;
-                    if self.names.contains_key(name) || names.iter().any(|(n, _)| n == name) {
+                    if self.names.contains_key(name)
+                        || names.iter().any(|(n, _)| n == name)
+                        || (self.max > 0 && self.names.len() + names.len() >= self.max)
+                    {
                         return None;
                     }
                     names.push((name.to_owned(), &body[at..]));
@@ -155,8 +222,13 @@ impl ClientStatements {
                 _ => return None,
             }
         }
+        let mut statements = Vec::with_capacity(names.len());
         for (name, key) in names {
-            self.names.insert(name.into(), registry.statement(key));
+            // Over the registry's budget: the server path reports it.
+            statements.push((name, registry.statement(key)?));
+        }
+        for (name, statement) in statements {
+            self.names.insert(name.into(), statement);
             put_message(out, b'1', &[]);
         }
         put_message(out, b'Z', &[b"I"]);
@@ -164,15 +236,20 @@ impl ClientStatements {
     }
 }
 
-/// What one server connection has prepared, least recently used first out.
+/// What one server connection has prepared, least recently used first out. A server's
+/// record does not keep a statement alive in the [`Registry`]: once no client uses it, the
+/// registry may forget it (the server keeps it under its name until evicted).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    entries: HashMap<u64, (Arc<Statement>, u64)>,
+    entries: HashMap<u64, (Weak<Statement>, u64)>,
     clock: u64,
-    /// Statements the server still has but refused to run (their plan went stale after a
-    /// schema change): deallocated at the end of the transaction.
-    stale: Vec<Arc<Statement>>,
+    /// Names of statements the server still has but refused to run (their plan went stale
+    /// after a schema change): deallocated at the end of the transaction.
+    stale: Vec<String>,
 }
+
+/// A statement a server had recorded: its id and (while the registry has it) the statement.
+pub(super) type Recorded = (u64, Weak<Statement>);
 
 impl ServerStatements {
     pub(super) fn has(&mut self, id: u64) -> bool {
@@ -187,22 +264,25 @@ impl ServerStatements {
     }
 
     /// Records `s`; returns the statement evicted to stay within `max`.
-    pub(super) fn insert(&mut self, s: Arc<Statement>, max: usize) -> Option<Arc<Statement>> {
-        self.clock += 1;
+    pub(super) fn insert(&mut self, s: &Arc<Statement>, max: usize) -> Option<Recorded> {
         let evicted = if self.entries.len() >= max {
             let oldest = self
                 .entries
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(id, _)| *id);
-            oldest
-                .and_then(|id| self.entries.remove(&id))
-                .map(|(s, _)| s)
+            oldest.and_then(|id| Some((id, self.entries.remove(&id)?.0)))
         } else {
             None
         };
-        self.entries.insert(s.id, (s, self.clock));
+        self.record((s.id, Arc::downgrade(s)));
         evicted
+    }
+
+    /// Records a statement again (an eviction that did not happen).
+    pub(super) fn record(&mut self, (id, statement): Recorded) {
+        self.clock += 1;
+        self.entries.insert(id, (statement, self.clock));
     }
 
     pub(super) fn remove(&mut self, id: u64) {
@@ -214,15 +294,16 @@ impl ServerStatements {
         self.entries.contains_key(&id)
     }
 
-    /// The server refused to run statement `id` because its plan is stale.
-    pub(super) fn mark_stale(&mut self, id: u64) -> Option<Arc<Statement>> {
+    /// The server refused to run statement `id` (called `name` there) because its plan is
+    /// stale; returns the statement if the registry still has it.
+    pub(super) fn mark_stale(&mut self, id: u64, name: String) -> Option<Arc<Statement>> {
         let (s, _) = self.entries.remove(&id)?;
-        self.stale.push(s.clone());
-        Some(s)
+        self.stale.push(name);
+        s.upgrade()
     }
 
-    /// Statements to close on the server (see [`Self::mark_stale`]); they are forgotten.
-    pub fn take_all_stale(&mut self) -> Vec<Arc<Statement>> {
+    /// Names of statements to close on the server (see [`Self::mark_stale`]); forgotten.
+    pub fn take_all_stale(&mut self) -> Vec<String> {
         std::mem::take(&mut self.stale)
     }
 
@@ -312,23 +393,40 @@ mod tests {
     }
 
     #[test]
+    fn the_registry_keeps_to_its_budget() {
+        let reg = Registry::new(4 * 1024);
+        let text = |i: usize| format!("SELECT {i} -- {}\0\0\0", "x".repeat(400)).into_bytes();
+        let held: Vec<_> = (0..4).map(|i| reg.statement(&text(i)).unwrap()).collect();
+        assert!(
+            reg.statement(&text(99)).is_none(),
+            "full while all are in use"
+        );
+        drop(held);
+        assert!(
+            reg.statement(&text(99)).is_some(),
+            "unused ones are forgotten for room"
+        );
+    }
+
+    #[test]
     fn lru_evicts_the_least_recently_used() {
         let reg = Registry::default();
+        let statement = |key: &[u8]| reg.statement(key).expect("no budget");
         let (a, b, c) = (
-            reg.statement(b"a\0\0\0"),
-            reg.statement(b"b\0\0\0"),
-            reg.statement(b"c\0\0\0"),
+            statement(b"a\0\0\0"),
+            statement(b"b\0\0\0"),
+            statement(b"c\0\0\0"),
         );
         assert!(
-            Arc::ptr_eq(&a, &reg.statement(b"a\0\0\0")),
+            Arc::ptr_eq(&a, &statement(b"a\0\0\0")),
             "same text, same statement"
         );
         let mut server = ServerStatements::default();
-        assert!(server.insert(a.clone(), 2).is_none());
-        assert!(server.insert(b.clone(), 2).is_none());
+        assert!(server.insert(&a, 2).is_none());
+        assert!(server.insert(&b, 2).is_none());
         assert!(server.has(a.id));
-        let evicted = server.insert(c.clone(), 2).expect("full");
-        assert_eq!(evicted.id, b.id);
+        let evicted = server.insert(&c, 2).expect("full");
+        assert_eq!(evicted.0, b.id);
         assert!(server.has(a.id) && server.has(c.id) && !server.has(b.id));
     }
 }
