@@ -33,16 +33,6 @@ pub fn fill(buf: &mut BytesMut) {
     buf.reserve(MIN_ROOM);
 }
 
-/// Reads what `stream` has now (after it was found readable) into `buf` through a small stack
-/// buffer, so a client that is idle or queued holds only the bytes it sent, not a full buffer.
-/// `Ok(0)`: end of stream; `WouldBlock` when nothing was there after all.
-pub fn read_small(stream: &tokio::net::TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let mut chunk = [0u8; 2048];
-    let n = stream.try_read(&mut chunk)?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n)
-}
-
 /// Gives an empty `buf`'s memory back (to the free list, or to the allocator when it grew
 /// large or the list is full); a buffer still holding bytes is kept.
 pub fn release(buf: &mut BytesMut) {
@@ -60,6 +50,28 @@ pub fn release(buf: &mut BytesMut) {
             free.push(old);
         }
     });
+}
+
+/// Reads what `stream` has into `buf` through a small stack buffer, so a client that is idle or
+/// queued holds only the bytes it sent, not a full buffer. The stack buffer lives only during
+/// the poll, not in the waiting future. (Through `poll_read`, which knows a short read drained
+/// the socket: no extra read that would only say "nothing more".)
+pub fn poll_read_small(
+    stream: &mut tokio::net::TcpStream,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
+    use tokio::io::AsyncRead;
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+    match std::pin::Pin::new(stream).poll_read(cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => {
+            buf.extend_from_slice(read.filled());
+            std::task::Poll::Ready(Ok(read.filled().len()))
+        }
+        std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+        std::task::Poll::Pending => std::task::Poll::Pending,
+    }
 }
 
 #[cfg(test)]

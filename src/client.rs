@@ -379,8 +379,8 @@ impl Session {
 
     /// Waits in the pool's queue; notices a client that leaves meanwhile (`None`).
     async fn checkout(&mut self, stream: &mut TcpStream) -> Result<Option<Server>, ClientError> {
-        let checkout = self.pool.checkout();
-        tokio::pin!(checkout);
+        // Boxed: waiting in the queue is the uncommon path, and its future is large.
+        let mut checkout = Box::pin(self.pool.checkout());
         loop {
             // Reading on only notices a client that leaves; what it sends meanwhile is held up
             // to a bound, then it waits (backpressure).
@@ -405,7 +405,11 @@ impl Session {
         stream: &mut TcpStream,
         mut server: Server,
     ) -> Result<bool, ClientError> {
-        if let Err(e) = server.apply_params(&mut self.params).await {
+        // Boxed, like the cleaning below: rare work whose futures would otherwise make every
+        // transaction's larger.
+        if server.params.differs(&self.params)
+            && let Err(e) = Box::pin(server.apply_params(&mut self.params)).await
+        {
             let (code, message) = match &e {
                 crate::server::ApplyError::Rejected { code, message } => {
                     (code.clone(), message.clone())
@@ -509,7 +513,11 @@ impl Session {
             server.dirty = false;
             return;
         }
-        let cleaning = crate::reset::clean(server, Some(&mut self.params), reset_query);
+        let cleaning = Box::pin(crate::reset::clean(
+            server,
+            Some(&mut self.params),
+            reset_query,
+        ));
         match tokio::time::timeout(crate::reset::RESET_TIMEOUT, cleaning).await {
             Ok(Ok(())) => server.dirty = false,
             Ok(Err(e)) => tracing::warn!(error = %e, "closing a server that could not be cleaned"),
@@ -565,14 +573,8 @@ impl Session {
 /// Waits for the client's socket and reads what it sent, without a full-size buffer: an idle or
 /// queued client holds only its own bytes. `Ok(0)` at the end of the stream.
 async fn read_small(stream: &mut TcpStream, cbuf: &mut BytesMut) -> Result<usize, ClientError> {
-    loop {
-        stream.readable().await?;
-        match crate::buffers::read_small(stream, cbuf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let read = std::future::poll_fn(|cx| crate::buffers::poll_read_small(stream, cx, cbuf));
+    Ok(read.await?)
 }
 
 impl From<FrameError> for ClientError {

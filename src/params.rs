@@ -111,6 +111,14 @@ impl Params {
         }
     }
 
+    /// True when [`Self::set_statements`] would have something to say.
+    pub fn differs(&self, wanted: &Params) -> bool {
+        wanted.values.iter().enumerate().any(|(i, want)| {
+            let reported = self.reported & (1 << i) != 0;
+            self.values[i] != *want && !(reported && want.is_none())
+        })
+    }
+
     /// SQL that makes a server with these values take `wanted`'s (`SET` for a value, `RESET`
     /// for the default); empty when they agree. A reported parameter the client has no value
     /// for is left as it is (clients get every reported value at login).

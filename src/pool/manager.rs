@@ -94,6 +94,30 @@ impl managed::Manager for Manager {
     type Error = UpstreamError;
 
     async fn create(&self) -> Result<ServerConn, UpstreamError> {
+        // Boxed: deadpool keeps this future inside every checkout's, so each transaction would
+        // otherwise carry (and move) the space a login takes.
+        Box::pin(self.open()).await
+    }
+
+    /// No round trip here: a server is checked by looking at its socket (an idle server that has
+    /// anything to say has died or is about to), its flag and its age.
+    async fn recycle(&self, server: &mut ServerConn, _: &Metrics) -> RecycleResult<UpstreamError> {
+        if server.dirty {
+            return Err(RecycleError::message("returned in an unknown state"));
+        }
+        if !server.is_usable() {
+            return Err(RecycleError::message("closed by the server"));
+        }
+        if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
+            return Err(RecycleError::message("server_lifetime reached"));
+        }
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// Opens and logs in a new server connection, within the shared caps and the back-off.
+    async fn open(&self) -> Result<ServerConn, UpstreamError> {
         self.check_backoff()?;
         let mut permits = Vec::with_capacity(self.caps.len());
         for cap in &self.caps {
@@ -117,20 +141,5 @@ impl managed::Manager for Manager {
             *d = Some(Arc::new(params));
         }
         Ok(server)
-    }
-
-    /// No round trip here: a server is checked by looking at its socket (an idle server that has
-    /// anything to say has died or is about to), its flag and its age.
-    async fn recycle(&self, server: &mut ServerConn, _: &Metrics) -> RecycleResult<UpstreamError> {
-        if server.dirty {
-            return Err(RecycleError::message("returned in an unknown state"));
-        }
-        if !server.is_usable() {
-            return Err(RecycleError::message("closed by the server"));
-        }
-        if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
-            return Err(RecycleError::message("server_lifetime reached"));
-        }
-        Ok(())
     }
 }

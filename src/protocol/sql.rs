@@ -32,6 +32,9 @@ impl Leftovers {
     pub const LOCKS: Leftovers = Leftovers(1 << 6);
     /// Every kind (what `server_reset_query_always` and unreadable SQL assume).
     pub const ALL: Leftovers = Leftovers(0x7f);
+    /// Not a leftover: the SQL drops prepared statements (`DEALLOCATE`, `DISCARD`), which
+    /// changes the names a client has once it runs.
+    pub const NAMES: Leftovers = Leftovers(1 << 7);
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
@@ -39,6 +42,11 @@ impl Leftovers {
 
     pub fn contains(self, other: Leftovers) -> bool {
         self.0 & other.0 == other.0
+    }
+
+    /// The kinds a server must be cleaned of ([`Self::NAMES`] left out).
+    pub fn on_session(self) -> Leftovers {
+        Leftovers(self.0 & Self::ALL.0)
     }
 }
 
@@ -146,14 +154,14 @@ impl Statement {
         } else if self.is(0, "DEALLOCATE") {
             // `DEALLOCATE ALL` is seen in its CommandComplete and forgets everything there.
             match self.is(1, "ALL") || (self.is(1, "PREPARE") && self.is(2, "ALL")) {
-                true => Leftovers::NONE,
-                false => Leftovers::PREPARED,
+                true => Leftovers::NAMES,
+                false => Leftovers::PREPARED | Leftovers::NAMES,
             }
         } else if self.is(0, "DECLARE") {
             Leftovers::NONE // WITH HOLD is found by `anywhere`
         } else if self.is(0, "DISCARD") {
             // Changes settings the proxy tracks (DISCARD ALL resets them): read them back.
-            Leftovers::SETTINGS
+            Leftovers::SETTINGS | Leftovers::NAMES
         } else if self.is(0, "DO") {
             // An anonymous block may run anything; its body is not read.
             Leftovers::SETTINGS | Leftovers::ROLE | Leftovers::TEMP
@@ -352,7 +360,6 @@ mod tests {
             "SELECT $body$ DISCARD TEMP $body$, $1",
             "SELECT E'it\\'s; SET x = 1'",
             "PREPARE TRANSACTION 'gx'",
-            "DEALLOCATE ALL",
             "DECLARE c CURSOR FOR SELECT 1",
             "SELECT pg_advisory_xact_lock(1)",
             "UPDATE t SET a = 1",
@@ -396,7 +403,12 @@ mod tests {
             ),
             ("SELECT pg_advisory_lock(1)", Leftovers::LOCKS),
             ("SELECT pg_try_advisory_lock_shared(1)", Leftovers::LOCKS),
-            ("DISCARD ALL", Leftovers::SETTINGS),
+            ("DISCARD ALL", Leftovers::SETTINGS | Leftovers::NAMES),
+            ("DEALLOCATE ALL", Leftovers::NAMES),
+            (
+                "deallocate prepare s1",
+                Leftovers::PREPARED | Leftovers::NAMES,
+            ),
         ];
         for (sql, expected) in cases {
             assert!(of(sql).contains(expected), "{sql}: {:?}", of(sql));
