@@ -2,23 +2,27 @@
 //! client's next message, check a server out, relay until the transaction ends, give it back).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::cancel::ClientCancel;
+use crate::config::Config;
 use crate::config::PoolMode;
 use crate::params::{self, Params};
 use crate::pool::{CheckoutError, Server, ServerPool};
 use crate::protocol::backend::{self, Severity};
-use crate::protocol::frame::{self, FrameError, ReadError};
+use crate::protocol::frame::{self, FrameError, HEADER_LEN, ReadError};
 use crate::protocol::pipeline::{Scratch, Tracker};
 use crate::protocol::prepared::ClientStatements;
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self, StartupError, StartupPacket};
-use crate::proxy::Shared;
 use crate::relay::{Abandoned, Outcome, Relay, Timeout, Timeouts};
+use crate::sessions::{ClientInfo, ClientState, NewClient, Registered, ServerState, now_us};
+use crate::shared::Shared;
+use crate::stats::TxStats;
 
 /// Most a client may send ahead while it waits for a server.
 const MAX_READ_AHEAD: usize = 64 * 1024;
@@ -52,6 +56,17 @@ pub enum ClientError {
     QueryTimeout,
     #[error("terminating connection: idle for longer than client_idle_timeout")]
     IdleTimeout,
+    #[error(
+        "database \"{0}\" is disabled (DISABLE by an operator): new connections are refused; \
+         ENABLE on the admin console lifts it"
+    )]
+    Disabled(String),
+    #[error("terminating connection: closed by an operator (KILL on the admin console)")]
+    Killed,
+    #[error("terminating connection: database \"{0}\" was removed from the configuration")]
+    DatabaseRemoved(String),
+    #[error("user \"{0}\" may not use the admin console: add it to admin_users or stats_users")]
+    NotConsoleUser(String),
     /// The client went away; nothing can be sent.
     #[error("client disconnected")]
     Gone,
@@ -79,6 +94,11 @@ impl ClientError {
             ClientError::IdleTransactionTimeout => sqlstate::IDLE_IN_TRANSACTION_TIMEOUT.into(),
             ClientError::QueryTimeout => sqlstate::QUERY_CANCELED.into(),
             ClientError::IdleTimeout => sqlstate::IDLE_SESSION_TIMEOUT.into(),
+            ClientError::Disabled(_) => sqlstate::CANNOT_CONNECT_NOW.into(),
+            ClientError::Killed | ClientError::DatabaseRemoved(_) => {
+                sqlstate::ADMIN_SHUTDOWN.into()
+            }
+            ClientError::NotConsoleUser(_) => sqlstate::INSUFFICIENT_PRIVILEGE.into(),
         }
     }
 }
@@ -110,7 +130,7 @@ impl From<std::io::Error> for ClientError {
 /// Serves one accepted connection to the end.
 pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let timeout = shared.config.floodgate.client_login_timeout;
+    let timeout = shared.config().floodgate.client_login_timeout;
     // Boxed, like each transaction below: the task of an idle client keeps only what it needs
     // between transactions, not the space the login or a relay takes.
     let login = Box::pin(async {
@@ -123,7 +143,11 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         }
     });
     let result = match login.await {
-        Ok(Some(session)) => session.run(&mut stream).await,
+        Ok(Some(Login::Session(session))) => session.run(&mut stream).await,
+        Ok(Some(Login::Console { user, role })) => {
+            crate::admin::serve(&mut stream, shared, &user, role).await;
+            Ok(())
+        }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
@@ -144,10 +168,24 @@ async fn fatal(stream: &mut TcpStream, e: &ClientError) {
     let _ = stream.shutdown().await;
 }
 
+/// What a login leads to.
+enum Login {
+    Session(Box<Session>),
+    /// The admin console, authenticated.
+    Console {
+        user: String,
+        role: crate::admin::Role,
+    },
+}
+
 /// A logged-in client.
 struct Session {
     shared: Arc<Shared>,
+    /// The configuration as of this client's last transaction (a reload replaces it).
+    config: Arc<Config>,
     pool: Arc<ServerPool>,
+    /// Its entry in SHOW CLIENTS, which KILL reaches it through.
+    info: Registered<ClientInfo>,
     params: Params,
     cancel: ClientCancel,
     /// Bytes read from the client and not yet forwarded.
@@ -162,10 +200,7 @@ struct Session {
 }
 
 /// Startup packets until a StartupMessage, then authentication; `None` for a cancel request.
-async fn login(
-    stream: &mut TcpStream,
-    shared: &Arc<Shared>,
-) -> Result<Option<Session>, ClientError> {
+async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Login>, ClientError> {
     let (minor, startup_params) = loop {
         match startup::read_startup(stream).await? {
             None => return Err(ClientError::Gone),
@@ -181,13 +216,14 @@ async fn login(
             Some(StartupPacket::Startup { minor, params }) => break (minor, params),
         }
     };
+    let config = shared.config();
     let names = shared.pools.param_names.clone();
     let mut user = None;
     let mut database = None;
     let mut client_params = Params::new(names.clone());
     let mut unsupported = Vec::new();
     let ignored = |n: &str| {
-        let ignore = &shared.config.floodgate.ignore_startup_parameters;
+        let ignore = &config.floodgate.ignore_startup_parameters;
         ignore.iter().any(|i| i.eq_ignore_ascii_case(n))
     };
     let mut settings = Vec::new();
@@ -231,13 +267,20 @@ async fn login(
     }
 
     crate::auth::client::authenticate(stream, shared, &user).await?;
+    if crate::admin::is_console(&database) {
+        let role = crate::admin::role(shared, &user)
+            .ok_or_else(|| ClientError::NotConsoleUser(user.clone()))?;
+        return Ok(Some(Login::Console { user, role }));
+    }
     let pool = shared
-        .pools
-        .get(&database, &user)
+        .pool(&database, &user)
         .ok_or_else(|| ClientError::UnknownDatabase(database.clone()))?;
+    if pool.switch.position().disabled() {
+        return Err(ClientError::Disabled(database));
+    }
     let admitted = shared
         .limits
-        .admit_login(&shared.config.floodgate, &database, &user)?;
+        .admit_login(&config.floodgate, &database, &user)?;
     let defaults = pool.defaults().await?;
 
     // The client sees the server's reported parameters, with the values it asked for at
@@ -258,19 +301,31 @@ async fn login(
     backend::backend_key_data(&mut out, cancel.pid, cancel.secret);
     backend::ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;
-    Ok(Some(Session {
+    let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let info = shared.sessions.add_client(NewClient {
+        application_name: params
+            .get("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        user,
+        database,
+        addr: stream.peer_addr().unwrap_or(unknown),
+        local_addr: stream.local_addr().unwrap_or(unknown),
+    });
+    pool.stats.add(crate::stats::idx::LOGINS, 1);
+    Ok(Some(Login::Session(Box::new(Session {
         shared: shared.clone(),
         pool,
+        info,
         params,
         cancel,
         cbuf: BytesMut::new(),
         sbuf: BytesMut::new(),
-        statements: ClientStatements::with_limit(
-            shared.config.floodgate.max_client_prepared_statements,
-        ),
+        statements: ClientStatements::with_limit(config.floodgate.max_client_prepared_statements),
         scratch: Scratch::default(),
         _admitted: admitted,
-    }))
+        config,
+    }))))
 }
 
 /// What the client did while it held no server.
@@ -282,22 +337,27 @@ enum Idle {
 
 impl Session {
     /// The transaction loop, until the client leaves.
-    async fn run(mut self, stream: &mut TcpStream) -> Result<(), ClientError> {
+    async fn run(mut self: Box<Self>, stream: &mut TcpStream) -> Result<(), ClientError> {
         let mut shutdown = self.shared.shutdown.subscribe();
         // One future for the whole session, not one registration per transaction.
         let stop = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
         tokio::pin!(stop);
+        let info = self.info.info.clone();
+        // KILL: watched while idle and during transactions (a lock-free flag).
+        let mut killed = std::pin::pin!(info.kill.fired());
         loop {
             // Between transactions a client holds no buffer (unless it sent more already).
             crate::buffers::release(&mut self.cbuf);
             crate::buffers::release(&mut self.sbuf);
             self.scratch.shrink();
-            let idle_timeout = self.shared.config.floodgate.client_idle_timeout;
+            self.shared.refresh_config(&mut self.config);
+            let idle_timeout = self.config.floodgate.client_idle_timeout;
             let idle = tokio::select! {
                 idle = self.wait_for_message(stream) => idle?,
                 _ = &mut stop => return Err(ClientError::Shutdown),
+                _ = &mut killed => return Err(ClientError::Killed),
                 _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
                     return Err(ClientError::IdleTimeout);
                 }
@@ -305,7 +365,15 @@ impl Session {
             if let Idle::Gone = idle {
                 return Ok(());
             }
-            if !Box::pin(self.next_transaction(stream)).await? {
+            self.info
+                .request_time
+                .store(now_us(), std::sync::atomic::Ordering::Relaxed);
+            let goes_on = tokio::select! {
+                biased;
+                goes_on = Box::pin(self.next_transaction(stream)) => goes_on?,
+                _ = &mut killed => return Err(ClientError::Killed),
+            };
+            if !goes_on {
                 return Ok(());
             }
         }
@@ -314,24 +382,152 @@ impl Session {
     /// Gets a server for the client's next message and relays until the transaction ends.
     /// `Ok(true)` when the client goes on.
     async fn next_transaction(&mut self, stream: &mut TcpStream) -> Result<bool, ClientError> {
-        // A free server if there is one now; otherwise a batch of Parse messages can be
-        // answered without one, and anything else waits in the queue.
-        let server = match self.pool.try_checkout().await? {
-            Some(server) => server,
-            None if self.prepared_without_server(stream).await? => return Ok(true),
-            None => match self.checkout(stream).await? {
-                Some(server) => server,
-                None => return Ok(false),
-            },
-        };
-        self.transaction(stream, server).await
+        loop {
+            // One load for the kill switch; the rest only runs while a switch is on.
+            let position = self.pool.switch.position();
+            if !position.is_clear() || self.pool.is_retired() {
+                match Box::pin(self.switched(stream, position)).await? {
+                    Switched::Go => {}
+                    Switched::Again => continue,
+                    Switched::Done(goes_on) => return Ok(goes_on),
+                }
+            }
+            // A free server if there is one now; otherwise a batch of Parse messages can be
+            // answered without one, and anything else waits in the queue.
+            let (server, waited_us) = match self.pool.try_checkout().await? {
+                Some(server) => (server, 0),
+                None if self.prepared_without_server(stream).await? => return Ok(true),
+                None => {
+                    let since = now_us();
+                    self.info.set_state(ClientState::Waiting, since);
+                    let Some(mut server) = self.checkout(stream).await? else {
+                        return Ok(false);
+                    };
+                    if self.pool.switch.position().paused() {
+                        // PAUSE came while it queued: the server goes back untouched and the
+                        // client waits for RESUME.
+                        server.dirty = false;
+                        continue;
+                    }
+                    (server, now_us().saturating_sub(since))
+                }
+            };
+            return self.transaction(stream, server, waited_us).await;
+        }
+    }
+
+    /// What the kill switch (or a reload) says about the next transaction.
+    async fn switched(
+        &mut self,
+        stream: &mut TcpStream,
+        position: crate::switch::Position,
+    ) -> Result<Switched, ClientError> {
+        if self.pool.is_retired() {
+            // A reload replaced the pool (or removed the database): move to the new one.
+            let (db, user) = (&self.info.database, &self.info.user);
+            self.pool = self
+                .shared
+                .pool(db, user)
+                .ok_or_else(|| ClientError::DatabaseRemoved(db.clone()))?;
+            return Ok(Switched::Again);
+        }
+        if position.paused() {
+            self.info.set_state(ClientState::Waiting, now_us());
+            let switch = self.pool.switch.clone();
+            return match self.wait_watching(stream, switch.until_resumed()).await? {
+                Some(()) => Ok(Switched::Again),
+                None => Ok(Switched::Done(false)),
+            };
+        }
+        if position.sheds() {
+            return self.shed(stream).await.map(Switched::Done);
+        }
+        Ok(Switched::Go)
+    }
+
+    /// SHED: the client's next request fails at once with ERROR 53300, without a server, as
+    /// PostgreSQL fails a request: everything up to its Sync is skipped, then ReadyForQuery.
+    /// `Ok(true)` when the client goes on.
+    async fn shed(&mut self, stream: &mut TcpStream) -> Result<bool, ClientError> {
+        let max = self.config.floodgate.max_packet_size;
+        let mut told = false;
+        // Bytes of the current message still to skip (large ones are not buffered whole).
+        let mut skip = 0usize;
+        loop {
+            if skip > 0 {
+                let n = skip.min(self.cbuf.len());
+                let _ = self.cbuf.split_to(n);
+                skip -= n;
+            }
+            let header = match skip {
+                0 => frame::header(&self.cbuf, max)?,
+                _ => None,
+            };
+            let Some((tag, len)) = header else {
+                if read_small(stream, &mut self.cbuf).await? == 0 {
+                    return Ok(false);
+                }
+                continue;
+            };
+            if tag == b'X' {
+                return Ok(false);
+            }
+            let mut out = BytesMut::new();
+            if !told {
+                backend::error(
+                    &mut out,
+                    Severity::Error,
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    &format!(
+                        "shed by operator: the transaction was not run (SHED {} on the \
+                         admin console); retry later",
+                        self.info.database
+                    ),
+                );
+                told = true;
+            }
+            skip = HEADER_LEN + len;
+            let done = matches!(tag, b'S' | b'Q' | b'F');
+            if done {
+                backend::ready_for_query(&mut out, b'I');
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+            }
+            if done {
+                let n = skip.min(self.cbuf.len());
+                let _ = self.cbuf.split_to(n);
+                if n < skip {
+                    // The rest of the request's last message is still to come: skip it too.
+                    return Box::pin(self.skip_bytes(stream, skip - n)).await;
+                }
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Reads and drops `n` bytes from the client. `Ok(false)` if it leaves first.
+    async fn skip_bytes(
+        &mut self,
+        stream: &mut TcpStream,
+        mut n: usize,
+    ) -> Result<bool, ClientError> {
+        while n > 0 {
+            if self.cbuf.is_empty() && read_small(stream, &mut self.cbuf).await? == 0 {
+                return Ok(false);
+            }
+            let k = n.min(self.cbuf.len());
+            let _ = self.cbuf.split_to(k);
+            n -= k;
+        }
+        Ok(true)
     }
 
     /// Reads until a whole message header is buffered. Terminate or end of stream: `Gone`.
     /// With nothing buffered it waits for the socket without holding a buffer.
     async fn wait_for_message(&mut self, stream: &mut TcpStream) -> Result<Idle, ClientError> {
         loop {
-            match frame::header(&self.cbuf, self.shared.config.floodgate.max_packet_size) {
+            match frame::header(&self.cbuf, self.config.floodgate.max_packet_size) {
                 Ok(Some((b'X', _))) => return Ok(Idle::Gone),
                 Ok(Some((tag, _))) if crate::relay::is_frontend_message(tag) => {
                     return Ok(Idle::Message);
@@ -358,7 +554,7 @@ impl Session {
         &mut self,
         stream: &mut TcpStream,
     ) -> Result<bool, ClientError> {
-        let g = &self.shared.config.floodgate;
+        let g = &self.config.floodgate;
         if self.pool.mode != PoolMode::Transaction || g.max_prepared_statements == 0 {
             return Ok(false);
         }
@@ -380,15 +576,29 @@ impl Session {
     /// Waits in the pool's queue; notices a client that leaves meanwhile (`None`).
     async fn checkout(&mut self, stream: &mut TcpStream) -> Result<Option<Server>, ClientError> {
         // Boxed: waiting in the queue is the uncommon path, and its future is large.
-        let mut checkout = Box::pin(self.pool.checkout());
+        let pool = self.pool.clone();
+        let checkout = Box::pin(async move { pool.checkout().await });
+        match self.wait_watching(stream, checkout).await? {
+            Some(server) => Ok(Some(server?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits for `wait` while noticing a client that leaves meanwhile (`None`).
+    async fn wait_watching<F: std::future::Future>(
+        &mut self,
+        stream: &mut TcpStream,
+        wait: F,
+    ) -> Result<Option<F::Output>, ClientError> {
+        let mut wait = std::pin::pin!(wait);
         loop {
             // Reading on only notices a client that leaves; what it sends meanwhile is held up
             // to a bound, then it waits (backpressure).
             if self.cbuf.len() >= MAX_READ_AHEAD {
-                return Ok(Some(checkout.await?));
+                return Ok(Some(wait.await));
             }
             tokio::select! {
-                server = &mut checkout => return Ok(Some(server?)),
+                done = &mut wait => return Ok(Some(done)),
                 read = read_small(stream, &mut self.cbuf) => {
                     if read.unwrap_or(0) == 0 {
                         return Ok(None);
@@ -403,8 +613,40 @@ impl Session {
     async fn transaction(
         &mut self,
         stream: &mut TcpStream,
-        mut server: Server,
+        server: Server,
+        waited_us: u64,
     ) -> Result<bool, ClientError> {
+        let started = now_us();
+        self.info.set_state(ClientState::Active, started);
+        self.info.server_pid.store(server.cancel.pid, Relaxed);
+        if let Some(info) = &server.info {
+            info.set_state(ServerState::Active);
+            info.client_id.store(self.info.id, Relaxed);
+            info.request_time.store(started, Relaxed);
+        }
+        let mut held = Held(Some(server));
+        let mut stats = TxStats::default();
+        let result = self.attached(stream, &mut held, &mut stats).await;
+        let now = now_us();
+        self.info.set_state(ClientState::Idle, now);
+        self.info.server_pid.store(0, Relaxed);
+        let prepared = self.statements.len() as u32;
+        self.info.prepared_statements.store(prepared, Relaxed);
+        let held_us = now.saturating_sub(started);
+        self.pool.stats.record(&stats, held_us, waited_us);
+        result
+    }
+
+    /// The attachment itself; the server is in `held` (taken out when handed on).
+    async fn attached(
+        &mut self,
+        stream: &mut TcpStream,
+        held: &mut Held,
+        stats: &mut TxStats,
+    ) -> Result<bool, ClientError> {
+        let Some(server) = held.0.as_mut() else {
+            return Ok(true);
+        };
         // Boxed, like the cleaning below: rare work whose futures would otherwise make every
         // transaction's larger.
         if server.params.differs(&self.params)
@@ -416,16 +658,16 @@ impl Session {
                 }
                 crate::server::ApplyError::Upstream(u) => (u.sqlstate(), u.to_string()),
             };
-            drop(deadpool::managed::Object::take(server));
+            held.close();
             return Err(ClientError::Server { code, message });
         }
         let session_mode = self.pool.mode == PoolMode::Session;
         self.cancel.set(Some(server.cancel));
-        let server_ref = &mut *server;
+        let server_ref: &mut crate::server::ServerConn = server;
         // Session mode keeps the client on one server: its statements need no rewriting.
         let max_statements = match session_mode {
             true => 0,
-            false => self.shared.config.floodgate.max_prepared_statements,
+            false => self.config.floodgate.max_prepared_statements,
         };
         let leftovers = (!session_mode).then_some(&mut server_ref.leftovers);
         let tracker = Tracker::new(
@@ -444,25 +686,39 @@ impl Session {
             client_params: &mut self.params,
             server_params: &mut server_ref.params,
             release_when_idle: !session_mode,
-            max_packet_size: self.shared.config.floodgate.max_packet_size,
+            max_packet_size: self.config.floodgate.max_packet_size,
             tracker,
             timeouts: Timeouts {
-                query: self.shared.config.floodgate.query_timeout,
-                idle_transaction: self.shared.config.floodgate.idle_transaction_timeout,
+                query: self.config.floodgate.query_timeout,
+                idle_transaction: self.config.floodgate.idle_transaction_timeout,
             },
             cancel: server_ref.cancel,
+            stats,
         }
         .run()
         .await;
         self.cancel.set(None);
+        if !matches!(outcome, Outcome::Released) {
+            return self.after_relay(held.take(), outcome);
+        }
+        self.clean(server).await;
+        if let Some(info) = &server.info {
+            info.set_state(ServerState::Idle);
+            info.client_id.store(0, Relaxed);
+            info.prepared_statements
+                .store(server.statements.len() as u32, Relaxed);
+        }
+        drop(held.take());
+        stats.sent += self.sbuf.len() as u64;
+        stream.write_all(&self.sbuf).await?;
+        self.sbuf.clear();
+        Ok(true)
+    }
+
+    /// A relay that ended otherwise than by releasing the server between transactions.
+    fn after_relay(&mut self, server: Server, outcome: Outcome) -> Result<bool, ClientError> {
         match outcome {
-            Outcome::Released => {
-                self.clean(&mut server).await;
-                drop(server);
-                stream.write_all(&self.sbuf).await?;
-                self.sbuf.clear();
-                Ok(true)
-            }
+            Outcome::Released => unreachable!("handled by the caller"),
             Outcome::ClientGone(left) => {
                 self.abandon(server, left);
                 Ok(false)
@@ -485,7 +741,7 @@ impl Session {
             }
             Outcome::ServerLost { state, reason } => {
                 tracing::warn!(pool = %self.pool.name, %reason, "server connection lost");
-                drop(deadpool::managed::Object::take(server));
+                Held(Some(server)).close();
                 self.sbuf.clear();
                 if state.server_fatal {
                     Err(ClientError::Gone)
@@ -505,7 +761,7 @@ impl Session {
     /// gets it (nothing to do, and no round trip, on the common path); a server that cannot be
     /// cleaned is closed.
     async fn clean(&mut self, server: &mut Server) {
-        let g = &self.shared.config.floodgate;
+        let g = &self.config.floodgate;
         let reset_query = g
             .server_reset_query_always
             .then_some(g.server_reset_query.as_str());
@@ -538,7 +794,7 @@ impl Session {
         if left.state.is_idle()
             && server.leftovers.is_empty()
             && !server.statements.has_stale()
-            && !self.shared.config.floodgate.server_reset_query_always
+            && !self.config.floodgate.server_reset_query_always
             && !left.statements_uncertain
             && !left.state.copy_in
             && left.unsent == 0
@@ -555,7 +811,7 @@ impl Session {
         let server_output = self
             .sbuf
             .split_off(left.server_scanned.min(self.sbuf.len()));
-        let g = &self.shared.config.floodgate;
+        let g = &self.config.floodgate;
         let reset_query =
             (session_mode || g.server_reset_query_always).then(|| g.server_reset_query.clone());
         let job = crate::reset::Reset {
@@ -567,6 +823,43 @@ impl Session {
             forget_statements: left.statements_uncertain,
         };
         tokio::spawn(job.run(server));
+    }
+}
+
+/// What the kill switch says about the next transaction.
+enum Switched {
+    /// Nothing stops it.
+    Go,
+    /// Look again (the pool changed, or the database was resumed).
+    Again,
+    /// Handled without a server: `true` when the client goes on.
+    Done(bool),
+}
+
+/// The server a session holds. If the session's task ends while it still holds one in an
+/// unknown state (KILL drops the transaction's future), the connection is closed at once rather
+/// than put back in the pool with a transaction open.
+struct Held(Option<Server>);
+
+impl Held {
+    /// The server, handed on (to the pool, a reset task...).
+    fn take(&mut self) -> Server {
+        self.0.take().expect("a held server is taken once")
+    }
+
+    /// Closes the connection instead of returning it to the pool.
+    fn close(&mut self) {
+        if let Some(server) = self.0.take() {
+            drop(deadpool::managed::Object::take(server));
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.0.as_ref().is_some_and(|s| s.dirty) {
+            self.close();
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The TOML it was read from: the console's SET changes a key in it and reads it again.
+    #[serde(skip)]
+    pub raw: toml::Table,
     /// Global settings (`[floodgate]`).
     #[serde(default)]
     pub floodgate: General,
@@ -44,7 +47,7 @@ pub struct Config {
 }
 
 /// How clients prove who they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AuthType {
     #[serde(rename = "trust")]
     Trust,
@@ -55,7 +58,7 @@ pub enum AuthType {
 }
 
 /// When a server connection goes back to the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// At the end of every transaction (`ReadyForQuery 'I'` with nothing in flight).
@@ -65,13 +68,15 @@ pub enum PoolMode {
 }
 
 /// `[floodgate]`: global settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct General {
     pub listen: SocketAddr,
     /// Threads serving clients; 0 = automatic (half the CPU cores, at least one).
     pub workers: usize,
     pub admin_users: Vec<String>,
+    /// Users who may log in to the console and run SHOW commands only.
+    pub stats_users: Vec<String>,
     pub auth_type: AuthType,
     pub max_client_conn: usize,
     /// Clients per database at once; 0 = no limit.
@@ -94,7 +99,7 @@ pub struct General {
     pub max_user_connections: usize,
     /// Extra servers per pool for clients that waited `reserve_pool_timeout`; 0 = none.
     pub reserve_pool_size: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub reserve_pool_timeout: Duration,
     /// Named prepared statements kept per server connection in transaction mode (LRU);
     /// 0 turns tracking off (statements pass through as in session mode).
@@ -109,30 +114,30 @@ pub struct General {
     pub connection_budget: f64,
     /// Largest message a client may send, in bytes (the 5-byte header is checked before reading).
     pub max_packet_size: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub query_wait_timeout: Duration,
     /// A query running this long is cancelled (57014); 0 = off.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub query_timeout: Duration,
     /// A client idle this long inside a transaction is disconnected (25P03); 0 = off.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub idle_transaction_timeout: Duration,
     /// A client idle this long outside a transaction is disconnected (57P05); 0 = off.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub client_idle_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub client_login_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_connect_timeout: Duration,
     /// Longest back-off between login attempts after the upstream failed or refused.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_login_retry: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_idle_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_lifetime: Duration,
     /// How long SIGTERM waits for transactions in flight before closing them.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub shutdown_timeout: Duration,
     /// Run before a server is reused in session mode.
     pub server_reset_query: String,
@@ -144,6 +149,41 @@ pub struct General {
     pub track_extra_parameters: Vec<String>,
     /// Startup parameters accepted from clients but not applied (PgBouncer's name).
     pub ignore_startup_parameters: Vec<String>,
+    /// The period SHOW STATS averages are computed over.
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
+    pub stats_period: Duration,
+}
+
+/// `[floodgate]` keys a reload or SET cannot change: they keep their value until a restart.
+pub const NEEDS_RESTART: [&str; 4] = [
+    "listen",
+    "workers",
+    "track_extra_parameters",
+    "max_prepared_statement_bytes",
+];
+
+impl General {
+    /// Every setting and its value as text, in file order (SHOW CONFIG).
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let Ok(toml::Value::Table(table)) = toml::Value::try_from(self) else {
+            return Vec::new();
+        };
+        table
+            .into_iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                (key, text)
+            })
+            .collect()
+    }
 }
 
 impl Default for General {
@@ -152,6 +192,7 @@ impl Default for General {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             workers: 0,
             admin_users: Vec::new(),
+            stats_users: Vec::new(),
             auth_type: AuthType::ScramSha256,
             max_client_conn: 10_000,
             max_db_client_connections: 0,
@@ -186,6 +227,7 @@ impl Default for General {
             server_reset_query_always: false,
             track_extra_parameters: Vec::new(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
+            stats_period: Duration::from_secs(60),
         }
     }
 }
@@ -275,6 +317,13 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+fn show_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    match d.is_zero() {
+        true => s.serialize_str("0s"),
+        false => s.serialize_str(&humantime::format_duration(*d).to_string()),
+    }
+}
+
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
 }
@@ -291,9 +340,55 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.raw = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// This configuration with `[floodgate] key` set to `value` (the console's SET). `value` is
+    /// taken as TOML (a number, `true`, a quoted string); anything else as a string.
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<Config, ConfigError> {
+        if NEEDS_RESTART.contains(&key) {
+            return Err(ConfigError::Invalid(format!(
+                "{key} cannot be changed while running: change the file and restart"
+            )));
+        }
+        if !General::default().settings().iter().any(|(k, _)| k == key) {
+            return Err(ConfigError::Invalid(format!(
+                "unknown setting `{key}` (SHOW CONFIG lists them)"
+            )));
+        }
+        let typed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"));
+        let attempts = typed
+            .into_iter()
+            .chain(std::iter::once(toml::Value::String(value.to_owned())));
+        let mut last = None;
+        for value in attempts {
+            let mut raw = self.raw.clone();
+            let section = raw
+                .entry("floodgate")
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let toml::Value::Table(section) = section {
+                section.insert(key.to_owned(), value);
+            }
+            let parsed: Result<Config, _> = raw.clone().try_into();
+            match parsed {
+                Ok(mut config) => {
+                    config.raw = raw;
+                    config.validate()?;
+                    return Ok(config);
+                }
+                Err(e) => last = Some(ConfigError::Parse(format!("{key}: {}", e.message()))),
+            }
+        }
+        Err(last.unwrap_or_else(|| ConfigError::Invalid(format!("bad value for {key}"))))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

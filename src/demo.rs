@@ -62,7 +62,8 @@ port = {port}
     println!("Ctrl-C stops both and deletes the cluster.");
     crate::shutdown_signal().await;
     println!("stopping...");
-    proxy.shutdown().await;
+    proxy.shared().request_stop(crate::shared::StopMode::Fast);
+    proxy.stopped().await;
     drop(cluster);
     Ok(())
 }

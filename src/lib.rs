@@ -10,7 +10,12 @@
 //! server goes back to the pool (or through [`reset`] first when its client left it dirty).
 //! [`params`] keeps each client's session parameters, [`cancel`] routes cancel requests,
 //! [`check`] does the connection math, [`config`] is the TOML file.
+//!
+//! Live state has one home, [`shared`]: the configuration a reload replaces, the pools,
+//! [`sessions`] (who is connected), the kill [`switch`]es and the [`stats`]. The [`admin`]
+//! console and the [`signals`] act on it.
 
+pub mod admin;
 pub mod auth;
 pub mod buffers;
 pub mod cancel;
@@ -28,6 +33,11 @@ pub mod proxy;
 pub mod relay;
 pub mod reset;
 pub mod server;
+pub mod sessions;
+pub mod shared;
+pub mod signals;
+pub mod stats;
+pub mod switch;
 
 pub use error::Error;
 pub use proxy::Proxy;

@@ -114,7 +114,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
     match (cli.command.unwrap_or(Command::Run), config) {
-        (Command::Run, Some(config)) => run(config).await,
+        (Command::Run, Some(config)) => run(config, cli.config.clone()).await,
         (Command::Check, Some(config)) => check(&config).await,
         (Command::Demo { listen }, _) => floodgate::demo::run(listen).await,
         (Command::Version, _) => {
@@ -125,24 +125,12 @@ async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_files_limit(&config);
-    let math = config.clone();
-    tokio::spawn(async move {
-        // The same math as `floodgate check`, as a warning: the proxy runs either way.
-        match floodgate::check::connection_math(&math).await {
-            Ok(reports) => {
-                for r in reports.iter().filter(|r| r.over_budget()) {
-                    tracing::warn!("connection math: {r}");
-                }
-            }
-            Err(e) => tracing::warn!("connection math not done: {e}"),
-        }
-    });
-    let proxy = floodgate::Proxy::start(config).await?;
-    floodgate::shutdown_signal().await;
-    tracing::info!("shutting down: no new clients; waiting for transactions in flight");
-    proxy.shutdown().await;
+    // The same math as `floodgate check`, as a warning: the proxy runs either way.
+    floodgate::shared::warn_connection_math(std::sync::Arc::new(config.clone()));
+    let proxy = floodgate::Proxy::start_from(config, path).await?;
+    proxy.run().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,35 +1,19 @@
 //! The listener: accepts clients, enforces `max_client_conn`, and shuts down gracefully.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::auth::UserStore;
-use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::error::Error;
-use crate::pool::Pools;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
-
-/// What every client session shares.
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub users: Arc<UserStore>,
-    pub pools: Pools,
-    pub cancels: Arc<CancelRegistry>,
-    /// Named prepared statements, proxy-wide.
-    pub statements: crate::protocol::prepared::Registry,
-    /// Flips to `true` once, when the proxy starts shutting down.
-    pub shutdown: watch::Sender<bool>,
-    /// Admitted clients, by IP, database and user.
-    pub limits: Arc<crate::limits::ClientLimits>,
-}
+pub use crate::shared::{Shared, StopMode};
 
 /// A running proxy.
 pub struct Proxy {
@@ -41,7 +25,11 @@ pub struct Proxy {
 impl Proxy {
     /// Binds `[floodgate] listen` and starts serving.
     pub async fn start(config: Config) -> Result<Proxy, Error> {
-        let config = Arc::new(config);
+        Proxy::start_from(config, None).await
+    }
+
+    /// Like [`Proxy::start`], remembering the file RELOAD and SIGHUP read again.
+    pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Proxy, Error> {
         let listen = config.floodgate.listen;
         let listener = TcpListener::bind(listen)
             .await
@@ -50,17 +38,8 @@ impl Proxy {
                 source,
             })?;
         let local_addr = listener.local_addr()?;
-        let users = Arc::new(UserStore::new(&config));
-        let statement_budget = config.floodgate.max_prepared_statement_bytes;
-        let shared = Arc::new(Shared {
-            pools: Pools::new(config.clone(), users.clone()),
-            users,
-            config,
-            cancels: Arc::new(CancelRegistry::default()),
-            statements: crate::protocol::prepared::Registry::new(statement_budget),
-            shutdown: watch::Sender::new(false),
-            limits: Default::default(),
-        });
+        let shared = Arc::new(Shared::new(config, path));
+        tokio::spawn(rotate_stats(Arc::downgrade(&shared)));
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%local_addr, "floodgate listening");
         Ok(Proxy {
@@ -75,22 +54,58 @@ impl Proxy {
         self.local_addr
     }
 
+    /// The live state (configuration, pools, sessions, switches).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Stops accepting, lets transactions in flight finish (up to `shutdown_timeout`), closes
     /// every client and server connection.
     pub async fn shutdown(self) {
-        self.shared.shutdown.send_replace(true);
+        self.shared.request_stop(StopMode::WaitForServers);
+        self.stopped().await;
+    }
+
+    /// Waits until the proxy has stopped (a stop asked for by a signal or the console SHUTDOWN)
+    /// and every client is gone, then closes the pools.
+    pub async fn stopped(self) {
         let _ = self.acceptor.await;
         self.shared.pools.close_all();
     }
+
+    /// Serves until stopped, acting on signals: SIGHUP reloads, SIGUSR1 pauses every database,
+    /// SIGUSR2 resumes them, SIGTERM drains and stops, SIGINT stops at once.
+    pub async fn run(self) {
+        let shared = self.shared.clone();
+        let signals = tokio::spawn(crate::signals::handle(shared));
+        self.stopped().await;
+        signals.abort();
+    }
 }
 
-/// Accepts until shutdown, then waits for sessions to end.
+/// Closes a `stats_period` for SHOW STATS averages, until the proxy is gone.
+async fn rotate_stats(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(period) = shared.upgrade().map(|s| s.config().floodgate.stats_period) else {
+            return;
+        };
+        tokio::time::sleep(period.max(std::time::Duration::from_millis(100))).await;
+        match shared.upgrade() {
+            Some(shared) => shared.stats.rotate(),
+            None => return,
+        }
+    }
+}
+
+/// Accepts until asked to stop, then stops the way it was asked.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut sessions = JoinSet::new();
-    let mut stop = shared.shutdown.subscribe();
-    loop {
+    let mut stop = shared.stop.subscribe();
+    let mode = loop {
         tokio::select! {
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            mode = async { stop.wait_for(Option::is_some).await.ok().and_then(|m| *m) } => {
+                break mode.unwrap_or(StopMode::Fast);
+            }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -104,15 +119,31 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
             },
         }
-    }
+    };
     drop(listener);
-    let grace = shared.config.floodgate.shutdown_timeout;
-    if tokio::time::timeout(grace, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await
-    .is_err()
-    {
+    tracing::info!(?mode, "stopping: no new clients");
+    let grace = match mode {
+        StopMode::WaitForClients => None,
+        StopMode::WaitForServers => Some(shared.config().floodgate.shutdown_timeout),
+        StopMode::Fast => {
+            for client in shared.sessions.clients() {
+                client.kill.fire();
+            }
+            Some(FAST_STOP_GRACE)
+        }
+    };
+    if mode != StopMode::WaitForClients {
+        shared.shutdown.send_replace(true);
+    }
+    let all_gone = async { while sessions.join_next().await.is_some() {} };
+    let timed_out = match grace {
+        None => {
+            all_gone.await;
+            false
+        }
+        Some(grace) => tokio::time::timeout(grace, all_gone).await.is_err(),
+    };
+    if timed_out {
         tracing::warn!(
             remaining = sessions.len(),
             "shutdown_timeout reached; closing remaining clients"
@@ -122,13 +153,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// How long a fast stop waits for killed sessions to send their FATAL.
+const FAST_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Counts the client against `max_client_conn` and its IP's limits, then serves it.
 async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
     let ip = match stream.peer_addr() {
         Ok(addr) => addr.ip(),
         Err(_) => return,
     };
-    let _admitted = match shared.limits.admit_connection(&shared.config.floodgate, ip) {
+    let _admitted = match shared
+        .limits
+        .admit_connection(&shared.config().floodgate, ip)
+    {
         Ok(admitted) => admitted,
         Err(e) => {
             tracing::debug!(%ip, error = %e, "client refused");

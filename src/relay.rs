@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
 use crate::protocol::pipeline::{ClientAction, ServerAction, Tracker};
+use crate::stats::TxStats;
 
 /// Largest server message the relay holds whole (ErrorResponse, ParameterStatus).
 const MAX_HELD_SERVER_MESSAGE: usize = 1 << 20;
@@ -133,6 +134,8 @@ pub struct Relay<'a> {
     pub timeouts: Timeouts,
     /// Where to send a CancelRequest when `query_timeout` fires.
     pub cancel: crate::server::CancelTarget,
+    /// What this attachment did, for SHOW STATS.
+    pub stats: &'a mut TxStats,
 }
 
 /// Time limits the relay enforces (zero = off).
@@ -234,7 +237,10 @@ impl Relay<'_> {
             mut tracker,
             timeouts,
             cancel,
+            stats,
         } = self;
+        // When the query now running started (something awaits ReadyForQuery).
+        let mut busy_since: Option<Instant> = None;
         // Made only when a timeout is configured: the default relay has no timer to keep.
         let timed = !timeouts.query.is_zero() || !timeouts.idle_transaction.is_zero();
         let mut timer: Option<Pin<Box<Sleep>>> = None;
@@ -257,8 +263,14 @@ impl Relay<'_> {
         loop {
             match event {
                 Event::Buffered | Event::FromClient(Ok(1..)) => {
-                    let scanned =
-                        scan_client(cbuf, &mut up, &mut tx, &mut client_left, &mut tracker);
+                    let scanned = scan_client(
+                        cbuf,
+                        &mut up,
+                        &mut tx,
+                        &mut client_left,
+                        &mut tracker,
+                        stats,
+                    );
                     emit_due(&mut tracker, sbuf, &mut down, tx.status);
                     if let Err(reason) = scanned {
                         let left = abandoned(tx, &up, &down);
@@ -267,6 +279,7 @@ impl Relay<'_> {
                 }
                 Event::FromClient(_) | Event::ToClient(Ok(0) | Err(_)) => client_left = true,
                 Event::ToServer(Ok(n @ 1..)) => {
+                    stats.received += n as u64;
                     cbuf.advance(n);
                     up.ready -= n;
                 }
@@ -275,13 +288,16 @@ impl Relay<'_> {
                     return Outcome::ServerLost { state: tx, reason };
                 }
                 Event::ToClient(Ok(n)) => {
+                    stats.sent += n as u64;
                     sbuf.advance(n);
                     down.ready -= n;
                 }
                 Event::FromServer(Ok(1..)) => {
                     flush_sent = false;
                     let params = (&mut *client_params, &mut *server_params);
-                    if let Err(e) = scan_server(sbuf, &mut down, &mut tx, params, &mut tracker) {
+                    if let Err(e) =
+                        scan_server(sbuf, &mut down, &mut tx, params, &mut tracker, stats)
+                    {
                         return Outcome::ServerLost {
                             state: tx,
                             reason: e.to_string(),
@@ -289,8 +305,14 @@ impl Relay<'_> {
                     }
                     if up.waiting {
                         // The answers it waited for may have come.
-                        let scanned =
-                            scan_client(cbuf, &mut up, &mut tx, &mut client_left, &mut tracker);
+                        let scanned = scan_client(
+                            cbuf,
+                            &mut up,
+                            &mut tx,
+                            &mut client_left,
+                            &mut tracker,
+                            stats,
+                        );
                         emit_due(&mut tracker, sbuf, &mut down, tx.status);
                         if let Err(reason) = scanned {
                             let left = abandoned(tx, &up, &down);
@@ -332,6 +354,15 @@ impl Relay<'_> {
                     let reason = io_reason(r, "reading from the server");
                     return Outcome::ServerLost { state: tx, reason };
                 }
+            }
+            // Query time, for SHOW STATS: a clock read only when a query starts or ends.
+            match (busy_since, tx.pending > 0) {
+                (None, true) => busy_since = Some(Instant::now()),
+                (Some(since), false) => {
+                    stats.query_us += since.elapsed().as_micros() as u64;
+                    busy_since = None;
+                }
+                _ => {}
             }
             if client_left {
                 return Outcome::ClientGone(abandoned(tx, &up, &down));
@@ -465,6 +496,7 @@ fn scan_client(
     state: &mut TxState,
     client_left: &mut bool,
     tracker: &mut Tracker,
+    stats: &mut TxStats,
 ) -> Result<(), String> {
     up.waiting = false;
     loop {
@@ -514,7 +546,15 @@ fn scan_client(
                 state.pending += 1;
                 state.unsynced = false;
             }
-            b'P' | b'B' | b'D' | b'C' | b'E' => state.unsynced = true,
+            b'P' => {
+                stats.client_parses += 1;
+                state.unsynced = true;
+            }
+            b'B' => {
+                stats.binds += 1;
+                state.unsynced = true;
+            }
+            b'D' | b'C' | b'E' => state.unsynced = true,
             _ => {}
         }
         up.ready = end;
@@ -556,6 +596,7 @@ fn scan_server(
     state: &mut TxState,
     (client_params, server_params): (&mut Params, &mut Params),
     tracker: &mut Tracker,
+    stats: &mut TxStats,
 ) -> Result<(), FrameError> {
     let held = |tag, len| match matches!(tag, b'Z' | b'S' | b'E') || Tracker::held_from_server(tag)
     {
@@ -608,6 +649,10 @@ fn scan_server(
                 match tag {
                     b'Z' => {
                         state.answered += 1;
+                        stats.queries += 1;
+                        if body.first() == Some(&b'I') {
+                            stats.xacts += 1;
+                        }
                         state.pending = state.pending.saturating_sub(1);
                         state.status = body.first().copied().unwrap_or(b'I');
                         state.copy_in = false;

@@ -58,6 +58,10 @@ pub struct ServerConn {
     /// Session state a client may have left (session SET, SET ROLE, LISTEN...): cleaned up
     /// before another client gets this server.
     pub leftovers: Leftovers,
+    /// The pool generation it was opened in (RECONNECT closes older ones).
+    pub generation: u64,
+    /// Its entry in SHOW SERVERS (set by the pool).
+    pub info: Option<crate::sessions::Registered<crate::sessions::ServerInfo>>,
 }
 
 impl ServerConn {
@@ -107,6 +111,8 @@ impl ServerConn {
             statements: Default::default(),
             dirty: false,
             leftovers: Leftovers::NONE,
+            generation: 0,
+            info: None,
         };
         Ok((server, done.params))
     }

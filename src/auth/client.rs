@@ -9,7 +9,7 @@ use crate::client::ClientError;
 use crate::config::AuthType;
 use crate::protocol::backend;
 use crate::protocol::frame;
-use crate::proxy::Shared;
+use crate::shared::Shared;
 
 /// Largest message accepted before login completes (password, SASL).
 const MAX_LOGIN_MESSAGE: usize = 10 * 1024;
@@ -21,9 +21,10 @@ pub async fn authenticate(
     shared: &Shared,
     user: &str,
 ) -> Result<(), ClientError> {
-    let secrets = shared.users.get(user);
+    let users = shared.users();
+    let secrets = users.get(user);
     let mut buf = BytesMut::new();
-    match shared.config.floodgate.auth_type {
+    match shared.config().floodgate.auth_type {
         AuthType::Trust => {
             if secrets.is_none() {
                 return Err(ClientError::BadPassword(user.to_owned()));
@@ -55,8 +56,7 @@ pub async fn authenticate(
             stream.write_all(&buf).await?;
             let initial = read_password_message(stream, &mut buf).await?;
             let client_first = parse_sasl_initial(&initial)?;
-            let verifier =
-                verifier.unwrap_or_else(|| Verifier::impostor(user, &shared.users.mock_secret));
+            let verifier = verifier.unwrap_or_else(|| Verifier::impostor(user, &users.mock_secret));
             let (exchange, server_first) = Exchange::start(verifier, client_first)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
             buf.clear();

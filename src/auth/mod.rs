@@ -64,11 +64,17 @@ impl UserStore {
             .collect();
         UserStore {
             users,
-            mock_secret: rand::random(),
+            mock_secret: process_secret(),
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&Secrets> {
         self.users.get(name)
     }
+}
+
+/// A secret drawn once per process: decoy salts for unknown users stay the same across reloads.
+fn process_secret() -> [u8; 32] {
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *SECRET.get_or_init(rand::random)
 }

@@ -1,5 +1,6 @@
 //! Creates and checks server connections for one pool (deadpool's `Manager`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,12 @@ pub struct Manager {
     pub cap_wait: Duration,
     /// The session parameters servers track.
     pub param_names: crate::params::Names,
+    /// The pool's generation (RECONNECT bumps it): older servers are not reused.
+    pub generation: Arc<AtomicU64>,
+    /// Logins in progress (SHOW POOLS sv_login).
+    pub logins: Arc<AtomicU64>,
+    /// Where servers are listed for SHOW SERVERS.
+    pub sessions: Arc<crate::sessions::Sessions>,
 }
 
 /// Consecutive failed logins to one upstream.
@@ -111,6 +118,9 @@ impl managed::Manager for Manager {
         if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
             return Err(RecycleError::message("server_lifetime reached"));
         }
+        if server.generation != self.generation.load(Ordering::Acquire) {
+            return Err(RecycleError::message("RECONNECT or reload"));
+        }
         Ok(())
     }
 }
@@ -125,14 +135,25 @@ impl Manager {
         }
         let started = Instant::now();
         let names = self.param_names.clone();
-        let (mut server, params) =
-            match ServerConn::connect(&self.login, self.connect_timeout, names).await {
-                Ok(connected) => connected,
-                Err(e) => {
-                    self.record_failure(&e, started);
-                    return Err(e);
-                }
-            };
+        let generation = self.generation.load(Ordering::Acquire);
+        self.logins.fetch_add(1, Ordering::Relaxed);
+        let connected = ServerConn::connect(&self.login, self.connect_timeout, names).await;
+        self.logins.fetch_sub(1, Ordering::Relaxed);
+        let (mut server, params) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                self.record_failure(&e, started);
+                return Err(e);
+            }
+        };
+        server.generation = generation;
+        server.info = Some(self.sessions.add_server(crate::sessions::NewServer {
+            database: self.login.db_key.clone(),
+            user: self.login.user.clone(),
+            addr: self.login.addr.clone(),
+            local_addr: server.stream.local_addr().ok(),
+            remote_pid: server.cancel.pid,
+        }));
         *self.failures.lock().unwrap_or_else(|e| e.into_inner()) = None;
         server.lifetime = self.lifetime.mul_f64(0.9 + rand::random::<f64>() / 10.0);
         server.permits = permits;

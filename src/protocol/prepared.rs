@@ -171,6 +171,15 @@ pub struct ClientStatements {
 }
 
 impl ClientStatements {
+    /// Names the client has now.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     /// No names yet; at most `max` (0: no limit).
     pub fn with_limit(max: usize) -> ClientStatements {
         ClientStatements {
