@@ -142,7 +142,11 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 .unwrap_or(Err(ClientError::LoginTimeout))
         }
     });
-    let result = match login.await {
+    let logins = &shared.sessions.logging_in;
+    logins.fetch_add(1, Relaxed);
+    let login = login.await;
+    logins.fetch_sub(1, Relaxed);
+    let result = match login {
         Ok(Some(Login::Session(session))) => session.run(&mut stream).await,
         Ok(Some(Login::Console { user, role })) => {
             crate::admin::serve(&mut stream, shared, &user, role).await;

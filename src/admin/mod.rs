@@ -99,8 +99,19 @@ pub async fn serve(stream: &mut TcpStream, shared: Arc<Shared>, user: &str, role
     // After an error in an extended-protocol message, everything up to Sync is skipped (as
     // PostgreSQL does), so a driver that tries it gets one clear error, not a hang.
     let mut skipping = false;
+    let mut shutdown = shared.shutdown.subscribe();
     loop {
-        let (tag, body) = match read_message(stream).await {
+        let read = tokio::select! {
+            read = read_message(stream) => read,
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                out.clear();
+                let message = "floodgate is shutting down";
+                backend::error(&mut out, Severity::Fatal, sqlstate::ADMIN_SHUTDOWN, message);
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        };
+        let (tag, body) = match read {
             Ok(Some(message)) => message,
             Ok(None) => return,
             Err(e) => {
