@@ -369,9 +369,6 @@ impl Session {
             if let Idle::Gone = idle {
                 return Ok(());
             }
-            self.info
-                .request_time
-                .store(now_us(), std::sync::atomic::Ordering::Relaxed);
             let goes_on = tokio::select! {
                 biased;
                 goes_on = Box::pin(self.next_transaction(stream)) => goes_on?,
@@ -622,6 +619,7 @@ impl Session {
     ) -> Result<bool, ClientError> {
         let started = now_us();
         self.info.set_state(ClientState::Active, started);
+        self.info.request_time.store(started, Relaxed);
         self.info.server_pid.store(server.cancel.pid, Relaxed);
         if let Some(info) = &server.info {
             info.set_state(ServerState::Active);

@@ -637,3 +637,46 @@ async fn an_invalid_reload_keeps_the_running_configuration() {
         2
     );
 }
+
+#[tokio::test]
+async fn reload_moves_clients_to_a_changed_upstream_and_ends_a_removed_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("floodgate.toml");
+    let env = env_from_file(&file, FILE_CONFIG).await;
+    let ops = console(&env, OPS).await;
+    let extra = format!(
+        "\n[databases.gone]\nhost = \"{}\"\nport = {}\ndbname = \"app\"\n",
+        env.cluster.host(),
+        env.cluster.port()
+    );
+    let original = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, original.clone() + &extra).unwrap();
+    admin(&ops, "RELOAD").await;
+    let app = env.connect().await;
+    let leaving = env
+        .try_connect("app", Some("secret"), "gone")
+        .await
+        .expect("a client of the database about to be removed");
+    assert_eq!(scalar(&app, "SELECT current_database()").await, "app");
+    assert_eq!(scalar(&leaving, "SELECT 1").await, "1");
+    // The upstream of `app` changes (another database on the same server) and `gone` goes.
+    let moved = original.replace(
+        "[databases.app]\n",
+        "[databases.app]\ndbname = \"postgres\"\n",
+    );
+    std::fs::write(&file, moved).unwrap();
+    admin(&ops, "RELOAD").await;
+    // The connected client goes on, now on a server of the new upstream.
+    assert_eq!(scalar(&app, "SELECT current_database()").await, "postgres");
+    let err = match within(
+        "query on a removed database",
+        leaving.simple_query("SELECT 1"),
+    )
+    .await
+    {
+        Ok(_) => panic!("a removed database still runs queries"),
+        Err(e) => e,
+    };
+    assert_eq!(sqlstate(&err), "57P01", "{}", describe(&err));
+    assert!(db_message(&err).contains("removed"), "{}", describe(&err));
+}
