@@ -149,7 +149,7 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let result = match login {
         Ok(Some(Login::Session(session))) => session.run(&mut stream).await,
         Ok(Some(Login::Console { user, role })) => {
-            crate::admin::serve(&mut stream, shared, &user, role).await;
+            crate::admin::serve(&mut stream, shared.clone(), &user, role).await;
             Ok(())
         }
         Ok(None) => Ok(()),
@@ -157,7 +157,39 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection closed with an error");
+        count(&shared, &e);
         fatal(&mut stream, &e).await;
+    }
+}
+
+/// Counts a session's end for `/metrics`: the FATAL sent, and the timeout or refusal behind it.
+fn count(shared: &Shared, e: &ClientError) {
+    let telemetry = &shared.stats.telemetry;
+    if matches!(e, ClientError::Gone) {
+        return;
+    }
+    telemetry.error(&e.sqlstate());
+    let timeout = match e {
+        ClientError::LoginTimeout => Some("client_login_timeout"),
+        ClientError::IdleTransactionTimeout => Some("idle_transaction_timeout"),
+        ClientError::QueryTimeout => Some("query_timeout"),
+        ClientError::IdleTimeout => Some("client_idle_timeout"),
+        ClientError::Checkout(CheckoutError::WaitTimeout(_)) => Some("query_wait_timeout"),
+        _ => None,
+    };
+    if let Some(kind) = timeout {
+        telemetry.timeouts.with_label_values(&[kind]).inc();
+    }
+    let refused = match e {
+        ClientError::BadPassword(_) => Some("authentication"),
+        ClientError::UnknownDatabase(_) => Some("unknown_database"),
+        ClientError::Disabled(_) => Some("disabled"),
+        ClientError::NotConsoleUser(_) => Some("console_access"),
+        ClientError::Limit(limit) => Some(limit.setting()),
+        _ => None,
+    };
+    if let Some(reason) = refused {
+        telemetry.refused.with_label_values(&[reason]).inc();
     }
 }
 
@@ -213,6 +245,7 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
             }
             Some(StartupPacket::Cancel { pid, secret }) => {
                 if let Some(target) = shared.cancels.target(pid, secret) {
+                    shared.stats.telemetry.cancels.inc();
                     let _ = target.send().await;
                 }
                 return Ok(None);
@@ -485,6 +518,10 @@ impl Session {
                         self.info.database
                     ),
                 );
+                self.shared
+                    .stats
+                    .telemetry
+                    .error(sqlstate::TOO_MANY_CONNECTIONS);
                 told = true;
             }
             skip = HEADER_LEN + len;
@@ -696,6 +733,8 @@ impl Session {
             },
             cancel: server_ref.cancel,
             stats,
+            query_duration: &self.pool.stats.metrics.query,
+            telemetry: &self.shared.stats.telemetry,
         }
         .run()
         .await;
@@ -859,7 +898,8 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.0.as_ref().is_some_and(|s| s.dirty) {
+        if let Some(server) = self.0.as_ref().filter(|s| s.dirty) {
+            server.closing(crate::metrics::CloseReason::Killed);
             self.close();
         }
     }

@@ -35,7 +35,7 @@ pub struct Config {
     /// Global settings (`[floodgate]`).
     #[serde(default)]
     pub floodgate: General,
-    /// The Prometheus endpoint (`[metrics]`); accepted now, served by a later version.
+    /// The HTTP endpoint (`[metrics]`): Prometheus, probes, the kill switch for automation.
     #[serde(default)]
     pub metrics: Option<Metrics>,
     /// Users clients may log in as (`[[users]]`).
@@ -232,11 +232,24 @@ impl Default for General {
     }
 }
 
-/// `[metrics]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[metrics]`: the HTTP endpoint for Prometheus, probes and the kill switch.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     pub listen: SocketAddr,
+    /// Bearer token for `POST /admin/...` (none: those paths answer 404).
+    pub admin_token: Option<String>,
+    /// A file holding the token (its first line), e.g. a mounted secret; read at each request.
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("listen", &self.listen)
+            .field("admin_token_file", &self.admin_token_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[[users]]`: one user clients may log in as.

@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod params;
 pub mod pgcluster;
 pub mod pool;

@@ -26,6 +26,19 @@ pub enum LimitError {
     PerUser { user: String, max: usize },
 }
 
+impl LimitError {
+    /// The setting that refused the client (the `reason` label in `/metrics`).
+    pub fn setting(&self) -> &'static str {
+        match self {
+            LimitError::Total(_) => "max_client_conn",
+            LimitError::PerIp { .. } => "max_client_conn_per_ip",
+            LimitError::Rate { .. } => "client_conn_rate_per_ip",
+            LimitError::PerDatabase { .. } => "max_db_client_connections",
+            LimitError::PerUser { .. } => "max_user_client_connections",
+        }
+    }
+}
+
 /// One client IP's open connections and its rate bucket.
 struct IpState {
     open: usize,

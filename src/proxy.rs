@@ -20,6 +20,8 @@ pub struct Proxy {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     acceptor: tokio::task::JoinHandle<()>,
+    /// The HTTP endpoint (`[metrics] listen`), if configured.
+    metrics: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl Proxy {
@@ -38,7 +40,27 @@ impl Proxy {
                 source,
             })?;
         let local_addr = listener.local_addr()?;
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(
+                TcpListener::bind(m.listen)
+                    .await
+                    .map_err(|source| Error::Listen {
+                        addr: m.listen.to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared::new(config, path));
+        let metrics = match metrics_listener {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, "metrics endpoint listening");
+                let task = tokio::spawn(crate::metrics::serve(listener, shared.clone()));
+                Some((addr, task))
+            }
+            None => None,
+        };
         tokio::spawn(rotate_stats(Arc::downgrade(&shared)));
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%local_addr, "floodgate listening");
@@ -46,12 +68,18 @@ impl Proxy {
             local_addr,
             shared,
             acceptor,
+            metrics,
         })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP endpoint (`[metrics] listen`), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The live state (configuration, pools, sessions, switches).
@@ -70,6 +98,9 @@ impl Proxy {
     /// and every client is gone, then closes the pools.
     pub async fn stopped(self) {
         let _ = self.acceptor.await;
+        if let Some((_, task)) = self.metrics {
+            task.abort();
+        }
         self.shared.pools.close_all();
     }
 
@@ -169,6 +200,9 @@ async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
         Ok(admitted) => admitted,
         Err(e) => {
             tracing::debug!(%ip, error = %e, "client refused");
+            let telemetry = &shared.stats.telemetry;
+            telemetry.refused.with_label_values(&[e.setting()]).inc();
+            telemetry.error(sqlstate::TOO_MANY_CONNECTIONS);
             let message = e.to_string();
             let refusal = refuse(&mut stream, &shared, &message);
             let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
@@ -195,6 +229,7 @@ async fn refuse(stream: &mut TcpStream, shared: &Shared, message: &str) {
             }
             Ok(Some(StartupPacket::Cancel { pid, secret })) => {
                 if let Some(target) = shared.cancels.target(pid, secret) {
+                    shared.stats.telemetry.cancels.inc();
                     let _ = target.send().await;
                 }
                 return;

@@ -136,6 +136,10 @@ pub struct Relay<'a> {
     pub cancel: crate::server::CancelTarget,
     /// What this attachment did, for SHOW STATS.
     pub stats: &'a mut TxStats,
+    /// Each query's time goes here (`/metrics`).
+    pub query_duration: &'a prometheus::Histogram,
+    /// Errors the server sends the client are counted here by SQLSTATE.
+    pub telemetry: &'a crate::metrics::Telemetry,
 }
 
 /// Time limits the relay enforces (zero = off).
@@ -238,6 +242,8 @@ impl Relay<'_> {
             timeouts,
             cancel,
             stats,
+            query_duration,
+            telemetry,
         } = self;
         // When the query now running started (something awaits ReadyForQuery).
         let mut busy_since: Option<Instant> = None;
@@ -295,9 +301,15 @@ impl Relay<'_> {
                 Event::FromServer(Ok(1..)) => {
                     flush_sent = false;
                     let params = (&mut *client_params, &mut *server_params);
-                    if let Err(e) =
-                        scan_server(sbuf, &mut down, &mut tx, params, &mut tracker, stats)
-                    {
+                    if let Err(e) = scan_server(
+                        sbuf,
+                        &mut down,
+                        &mut tx,
+                        params,
+                        &mut tracker,
+                        stats,
+                        telemetry,
+                    ) {
                         return Outcome::ServerLost {
                             state: tx,
                             reason: e.to_string(),
@@ -359,7 +371,9 @@ impl Relay<'_> {
             match (busy_since, tx.pending > 0) {
                 (None, true) => busy_since = Some(Instant::now()),
                 (Some(since), false) => {
-                    stats.query_us += since.elapsed().as_micros() as u64;
+                    let took = since.elapsed();
+                    stats.query_us += took.as_micros() as u64;
+                    query_duration.observe(took.as_secs_f64());
                     busy_since = None;
                 }
                 _ => {}
@@ -597,6 +611,7 @@ fn scan_server(
     (client_params, server_params): (&mut Params, &mut Params),
     tracker: &mut Tracker,
     stats: &mut TxStats,
+    telemetry: &crate::metrics::Telemetry,
 ) -> Result<(), FrameError> {
     let held = |tag, len| match matches!(tag, b'Z' | b'S' | b'E') || Tracker::held_from_server(tag)
     {
@@ -667,7 +682,10 @@ fn scan_server(
                             client_params.set(name, value);
                         }
                     }
-                    b'E' => state.server_fatal |= is_fatal(body),
+                    b'E' => {
+                        state.server_fatal |= is_fatal(body);
+                        telemetry.error(sqlstate_of(body).unwrap_or("XX000"));
+                    }
                     b'G' => state.copy_in = true,
                     _ => {}
                 }
@@ -676,6 +694,19 @@ fn scan_server(
             }
         }
     }
+}
+
+/// The SQLSTATE field of an ErrorResponse body.
+fn sqlstate_of(body: &[u8]) -> Option<&str> {
+    let mut pos = 0;
+    while let Some(&field) = body.get(pos) {
+        pos += 1;
+        let value = crate::protocol::frame::cstr(body, &mut pos)?;
+        if field == b'C' {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// True when an ErrorResponse body has severity FATAL or PANIC.

@@ -197,6 +197,7 @@ pub async fn clean(
 /// rest of it; only the end of the stream is sent then.
 pub async fn close(server: Server, state: TxState, mid_message: bool) {
     let mut server = deadpool::managed::Object::take(server);
+    server.closing(crate::metrics::CloseReason::ResetFailed);
     if state.pending > 0 || state.unsynced {
         let _ = server.cancel.send().await;
     }

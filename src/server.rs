@@ -62,6 +62,29 @@ pub struct ServerConn {
     pub generation: u64,
     /// Its entry in SHOW SERVERS (set by the pool).
     pub info: Option<crate::sessions::Registered<crate::sessions::ServerInfo>>,
+    /// Its pool's counters (set by the pool): the close is counted there, with its reason.
+    pub stats: Option<std::sync::Arc<crate::stats::PoolStats>>,
+    /// Why it is being closed ([`crate::metrics::CloseReason`]), set by whoever closes it.
+    pub close_reason: std::sync::atomic::AtomicU8,
+}
+
+impl ServerConn {
+    /// Records why this connection is about to be closed.
+    pub fn closing(&self, reason: crate::metrics::CloseReason) {
+        self.close_reason
+            .store(reason as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            let reason = self.close_reason.load(std::sync::atomic::Ordering::Relaxed);
+            stats
+                .metrics
+                .closed(crate::metrics::CloseReason::from_u8(reason));
+        }
+    }
 }
 
 impl ServerConn {
@@ -113,6 +136,8 @@ impl ServerConn {
             leftovers: Leftovers::NONE,
             generation: 0,
             info: None,
+            stats: None,
+            close_reason: Default::default(),
         };
         Ok((server, done.params))
     }

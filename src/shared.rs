@@ -115,8 +115,17 @@ impl Shared {
         let path = self.config_path.as_ref().ok_or_else(|| {
             "no configuration file to reload: floodgate was started without --config".to_owned()
         })?;
-        let config = Config::load(path).map_err(|e| e.to_string())?;
-        Ok(self.apply(config))
+        let reloads = &self.stats.telemetry.reloads;
+        match Config::load(path) {
+            Ok(config) => {
+                reloads.with_label_values(&["ok"]).inc();
+                Ok(self.apply(config))
+            }
+            Err(e) => {
+                reloads.with_label_values(&["failed"]).inc();
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Puts `new` in service under running sessions: users and databases added, changed or

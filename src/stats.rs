@@ -39,10 +39,10 @@ pub mod idx {
     pub const LOGINS: usize = 11;
 }
 
-/// One pool's counters.
-#[derive(Default)]
+/// One pool's counters, and its handles in the Prometheus families.
 pub struct PoolStats {
     counters: [AtomicU64; 12],
+    pub metrics: crate::metrics::PoolHandles,
 }
 
 /// A copy of the counters at one moment.
@@ -77,6 +77,8 @@ impl PoolStats {
 
     /// Adds one attachment: `held_us` with the server, after waiting `wait_us` for it.
     pub fn record(&self, tx: &TxStats, held_us: u64, wait_us: u64) {
+        self.metrics.queue_wait.observe(wait_us as f64 / 1e6);
+        self.metrics.transaction.observe(held_us as f64 / 1e6);
         self.add(idx::ASSIGNMENTS, 1);
         self.add(idx::XACTS, tx.xacts);
         self.add(idx::QUERIES, tx.queries);
@@ -99,6 +101,8 @@ impl PoolStats {
 #[derive(Default)]
 pub struct Stats {
     pools: Mutex<BTreeMap<(String, String), Arc<PoolStats>>>,
+    /// The Prometheus families recorded as things happen.
+    pub telemetry: crate::metrics::Telemetry,
     /// The two latest period boundaries: (when, counters by pool).
     periods: Mutex<Vec<(Instant, PoolSnapshots)>>,
 }
@@ -108,8 +112,22 @@ impl Stats {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry((db.to_owned(), user.to_owned()))
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(PoolStats {
+                    counters: Default::default(),
+                    metrics: self.telemetry.pool(db, user),
+                })
+            })
             .clone()
+    }
+
+    /// Totals by pool (database, user).
+    pub fn totals_by_pool(&self) -> BTreeMap<(String, String), Snapshot> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .iter()
+            .map(|(k, s)| (k.clone(), s.snapshot()))
+            .collect()
     }
 
     /// Totals by database, summed over its pools.

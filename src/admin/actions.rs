@@ -64,7 +64,7 @@ pub async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), ActionE
     }
     for pool in shared.pools.list() {
         if dbs.contains(&pool.database) {
-            pool.close_idle();
+            pool.close_idle(crate::metrics::CloseReason::Reconnect);
         }
     }
     Ok(())

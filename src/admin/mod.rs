@@ -439,6 +439,12 @@ fn set(shared: &Shared, args: &[&str], out: &mut BytesMut) -> Result<(), Refusal
         .config()
         .with_setting(&key, value)
         .map_err(|e| refusal(sqlstate::INVALID_PARAMETER_VALUE, e.to_string()))?;
+    shared
+        .stats
+        .telemetry
+        .reloads
+        .with_label_values(&["ok"])
+        .inc();
     for note in shared.apply(config) {
         table::notice(out, &note, None);
     }

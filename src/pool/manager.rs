@@ -8,6 +8,7 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
 use crate::auth::upstream::Login;
 use crate::error::UpstreamError;
+use crate::metrics::CloseReason;
 use crate::server::ServerConn;
 
 /// Parameters the server reported at login, shown to clients when they log in.
@@ -38,6 +39,8 @@ pub struct Manager {
     pub logins: Arc<AtomicU64>,
     /// Where servers are listed for SHOW SERVERS.
     pub sessions: Arc<crate::sessions::Sessions>,
+    /// The pool's counters (opened, closed, connect time).
+    pub stats: Arc<crate::stats::PoolStats>,
 }
 
 /// Consecutive failed logins to one upstream.
@@ -110,15 +113,19 @@ impl managed::Manager for Manager {
     /// anything to say has died or is about to), its flag and its age.
     async fn recycle(&self, server: &mut ServerConn, _: &Metrics) -> RecycleResult<UpstreamError> {
         if server.dirty {
+            server.closing(CloseReason::Killed);
             return Err(RecycleError::message("returned in an unknown state"));
         }
         if !server.is_usable() {
+            server.closing(CloseReason::ClosedByServer);
             return Err(RecycleError::message("closed by the server"));
         }
         if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
+            server.closing(CloseReason::Lifetime);
             return Err(RecycleError::message("server_lifetime reached"));
         }
         if server.generation != self.generation.load(Ordering::Acquire) {
+            server.closing(CloseReason::Reconnect);
             return Err(RecycleError::message("RECONNECT or reload"));
         }
         Ok(())
@@ -147,6 +154,12 @@ impl Manager {
             }
         };
         server.generation = generation;
+        self.stats
+            .metrics
+            .connect
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.metrics.opened.inc();
+        server.stats = Some(self.stats.clone());
         server.info = Some(self.sessions.add_server(crate::sessions::NewServer {
             database: self.login.db_key.clone(),
             user: self.login.user.clone(),

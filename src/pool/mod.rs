@@ -17,6 +17,7 @@ use crate::auth::UserStore;
 use crate::auth::upstream::Login;
 use crate::config::{Config, PoolMode};
 use crate::error::UpstreamError;
+use crate::metrics::CloseReason;
 use crate::sessions::Sessions;
 use crate::stats::{PoolStats, Stats};
 use crate::switch::{Switch, Switches};
@@ -254,16 +255,19 @@ impl ServerPool {
     }
 
     /// Closes every idle server now.
-    pub fn close_idle(&self) {
+    pub fn close_idle(&self, reason: CloseReason) {
         for pool in std::iter::once(&self.pool).chain(&self.reserve) {
-            pool.retain(|_, _| false);
+            pool.retain(|server, _| {
+                server.closing(reason);
+                false
+            });
         }
     }
 
     /// RECONNECT: every server is replaced, idle ones now, the others when they come back.
     pub fn reconnect(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.close_idle();
+        self.close_idle(CloseReason::Reconnect);
     }
 
     /// Whether a server of generation `generation` is to be closed rather than reused.
@@ -302,12 +306,23 @@ impl ServerPool {
             pool.retain(|server, metrics| {
                 let expired =
                     !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime;
-                if expired || !server.is_usable() || server.generation != generation {
+                let reason = if expired {
+                    Some(CloseReason::Lifetime)
+                } else if !server.is_usable() {
+                    Some(CloseReason::ClosedByServer)
+                } else if server.generation != generation {
+                    Some(CloseReason::Reconnect)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    server.closing(reason);
                     return false;
                 }
                 let idle = !idle_timeout.is_zero() && metrics.last_used() >= idle_timeout;
                 if idle && may_idle_out > 0 {
                     may_idle_out -= 1;
+                    server.closing(CloseReason::Idle);
                     return false;
                 }
                 true
@@ -319,11 +334,12 @@ impl ServerPool {
     fn close_one_idle(&self) -> bool {
         let mut closed = false;
         for pool in std::iter::once(&self.pool).chain(&self.reserve) {
-            pool.retain(|_, _| {
+            pool.retain(|server, _| {
                 if closed {
                     return true;
                 }
                 closed = true;
+                server.closing(CloseReason::Cap);
                 false
             });
         }
@@ -350,6 +366,7 @@ impl ServerPool {
     }
 
     pub fn close(&self) {
+        self.close_idle(CloseReason::Shutdown);
         self.pool.close();
         if let Some(reserve) = &self.reserve {
             reserve.close();
@@ -495,6 +512,7 @@ impl Pools {
             db_key: db.to_owned(),
         };
         let generation = Arc::new(AtomicU64::new(0));
+        let stats = self.stats.pool(db, &upstream_user);
         let logins = Arc::new(AtomicU64::new(0));
         let g = &config.floodgate;
         let build = |size: usize| {
@@ -514,6 +532,7 @@ impl Pools {
                 generation: generation.clone(),
                 logins: logins.clone(),
                 sessions: self.sessions.clone(),
+                stats: stats.clone(),
             };
             Pool::builder(manager)
                 .max_size(size)
@@ -538,7 +557,7 @@ impl Pools {
             wait_timeout: AtomicDuration::new(live.wait_timeout),
             min_size: AtomicUsize::new(live.min_size),
             switch: self.switches.get(db),
-            stats: self.stats.pool(db, &upstream_user),
+            stats,
             retired: AtomicBool::new(false),
             generation,
             logins,
@@ -609,7 +628,7 @@ fn spawn_janitor(pool: std::sync::Weak<ServerPool>, idle: Duration, lifetime: Du
             }
             if pool.is_retired() {
                 // Its servers come back from clients that have not moved on yet.
-                pool.close_idle();
+                pool.close_idle(CloseReason::Reconnect);
                 continue;
             }
             pool.evict_idle(idle);
