@@ -57,6 +57,11 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Exit 0 if the [metrics] endpoint at ADDR answers /healthz (a container HEALTHCHECK).
+    Healthcheck {
+        #[arg(default_value = "127.0.0.1:9187")]
+        addr: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +122,7 @@ async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
         (Command::Run, Some(config)) => run(config, cli.config.clone()).await,
         (Command::Check, Some(config)) => check(&config).await,
         (Command::Demo { listen }, _) => floodgate::demo::run(listen).await,
+        (Command::Healthcheck { addr }, _) => healthcheck(addr),
         (Command::Version, _) => {
             println!("floodgate {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -133,6 +139,22 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     proxy.run().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// GET /healthz on `addr`; Ok when it answers 200.
+fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        other => anyhow::bail!("{addr}/healthz answered {}", other.unwrap_or("nothing")),
+    }
 }
 
 /// Raises the soft open-files limit to the hard one (every client and server connection is a
