@@ -67,6 +67,19 @@ pub enum ClientError {
     DatabaseRemoved(String),
     #[error("user \"{0}\" may not use the admin console: add it to admin_users or stats_users")]
     NotConsoleUser(String),
+    #[error("too many failed logins from {ip} (auth_failure_limit): refused for another {secs} s")]
+    Banned { ip: std::net::IpAddr, secs: u64 },
+    #[error("{0}")]
+    HbaRejected(String),
+    #[error(
+        "startup parameter \"{0}\" is not allowed through Floodgate: it would change the \
+         identity servers are shared under"
+    )]
+    IdentityParameter(String),
+    #[error(
+        "replication connections are not supported by Floodgate; connect to PostgreSQL directly"
+    )]
+    Replication,
     /// The client went away; nothing can be sent.
     #[error("client disconnected")]
     Gone,
@@ -99,6 +112,10 @@ impl ClientError {
                 sqlstate::ADMIN_SHUTDOWN.into()
             }
             ClientError::NotConsoleUser(_) => sqlstate::INSUFFICIENT_PRIVILEGE.into(),
+            ClientError::Banned { .. }
+            | ClientError::HbaRejected(_)
+            | ClientError::IdentityParameter(_) => sqlstate::INVALID_AUTHORIZATION.into(),
+            ClientError::Replication => sqlstate::FEATURE_NOT_SUPPORTED.into(),
         }
     }
 }
@@ -185,6 +202,9 @@ fn count(shared: &Shared, e: &ClientError) {
         ClientError::UnknownDatabase(_) => Some("unknown_database"),
         ClientError::Disabled(_) => Some("disabled"),
         ClientError::NotConsoleUser(_) => Some("console_access"),
+        ClientError::Banned { .. } => Some("auth_failure_ban"),
+        ClientError::HbaRejected(_) => Some("hba"),
+        ClientError::IdentityParameter(_) | ClientError::Replication => Some("startup_parameter"),
         ClientError::Limit(limit) => Some(limit.setting()),
         _ => None,
     };
@@ -202,6 +222,29 @@ async fn fatal(stream: &mut TcpStream, e: &ClientError) {
     backend::error(&mut buf, Severity::Fatal, &e.sqlstate(), &e.to_string());
     let _ = stream.write_all(&buf).await;
     let _ = stream.shutdown().await;
+}
+
+/// How `user` must authenticate to `database` from `ip`: `hba_file` decides when there is one,
+/// else `auth_type`.
+fn auth_type_for(
+    config: &Config,
+    ip: std::net::IpAddr,
+    database: &str,
+    user: &str,
+) -> Result<crate::config::AuthType, ClientError> {
+    use crate::auth::hba::Decision;
+    let Some(hba) = &config.hba else {
+        return Ok(config.floodgate.auth_type);
+    };
+    match hba.decide(ip, false, database, user) {
+        Decision::Allow(auth_type, _) => Ok(auth_type),
+        Decision::Reject(line) => Err(ClientError::HbaRejected(format!(
+            "hba_file line {line} rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\""
+        ))),
+        Decision::NoMatch => Err(ClientError::HbaRejected(format!(
+            "no hba_file entry for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+        ))),
+    }
 }
 
 /// What a login leads to.
@@ -278,10 +321,14 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
                 settings.extend(parsed);
             }
             n if n.starts_with("_pq_.") => unsupported.push(name.clone()),
+            "replication" => return Err(ClientError::Replication),
             _ => settings.push((name.clone(), value.clone())),
         }
     }
     for (name, value) in &settings {
+        if ["role", "session_authorization"].contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(ClientError::IdentityParameter(name.clone()));
+        }
         if Params::tracked(&names, name).is_some() {
             client_params.set(name, value);
         } else if !ignored(name) {
@@ -303,7 +350,31 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
         stream.write_all(&buf).await?;
     }
 
-    crate::auth::client::authenticate(stream, shared, &user).await?;
+    let ip = stream
+        .peer_addr()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    if let Some(left) = shared.lockout.banned(ip) {
+        return Err(ClientError::Banned {
+            ip,
+            secs: left.as_secs() + 1,
+        });
+    }
+    let auth_type = auth_type_for(&config, ip, &database, &user)?;
+    match crate::auth::client::authenticate(stream, shared, &user, auth_type).await {
+        Err(ClientError::BadPassword(user)) => {
+            let g = &config.floodgate;
+            let (limit, window, ban) = (
+                g.auth_failure_limit,
+                g.auth_failure_window,
+                g.auth_failure_ban,
+            );
+            if shared.lockout.failed(ip, limit, window, ban) {
+                tracing::warn!(%ip, "auth_failure_limit reached: {ip} refused for {ban:?}");
+            }
+            return Err(ClientError::BadPassword(user));
+        }
+        other => other?,
+    }
     if crate::admin::is_console(&database) {
         let role = crate::admin::role(shared, &user)
             .ok_or_else(|| ClientError::NotConsoleUser(user.clone()))?;

@@ -32,6 +32,9 @@ pub struct Config {
     /// The TOML it was read from: the console's SET changes a key in it and reads it again.
     #[serde(skip)]
     pub raw: toml::Table,
+    /// `hba_file`, parsed.
+    #[serde(skip)]
+    pub hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
     /// Global settings (`[floodgate]`).
     #[serde(default)]
     pub floodgate: General,
@@ -152,6 +155,17 @@ pub struct General {
     /// The period SHOW STATS averages are computed over.
     #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub stats_period: Duration,
+    /// Users in PgBouncer's userlist.txt format, besides `[[users]]` (which win).
+    pub auth_file: Option<std::path::PathBuf>,
+    /// Who may log in from where, in pg_hba.conf format.
+    pub hba_file: Option<std::path::PathBuf>,
+    /// Failed logins from one IP within `auth_failure_window` before it is refused; 0 = off.
+    pub auth_failure_limit: usize,
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
+    pub auth_failure_window: Duration,
+    /// How long an IP over `auth_failure_limit` is refused.
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
+    pub auth_failure_ban: Duration,
 }
 
 /// `[floodgate]` keys a reload or SET cannot change: they keep their value until a restart.
@@ -228,6 +242,11 @@ impl Default for General {
             track_extra_parameters: Vec::new(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
             stats_period: Duration::from_secs(60),
+            auth_file: None,
+            hba_file: None,
+            auth_failure_limit: 20,
+            auth_failure_window: Duration::from_secs(60),
+            auth_failure_ban: Duration::from_secs(60),
         }
     }
 }
@@ -358,8 +377,40 @@ impl Config {
         config.raw = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.read_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads `auth_file` (its users join `[[users]]`, which win) and `hba_file`.
+    fn read_files(&mut self) -> Result<(), ConfigError> {
+        let read = |key: &str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "[floodgate] {key}: cannot read {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        if let Some(path) = self.floodgate.auth_file.clone() {
+            let text = read("auth_file", &path)?;
+            let users = crate::auth::userlist::parse(&text).map_err(|e| {
+                ConfigError::Invalid(format!("[floodgate] auth_file {}: {e}", path.display()))
+            })?;
+            for (name, password) in users {
+                if self.user(&name).is_none() {
+                    self.users.push(User { name, password });
+                }
+            }
+        }
+        if let Some(path) = self.floodgate.hba_file.clone() {
+            let text = read("hba_file", &path)?;
+            let hba = crate::auth::hba::Hba::parse(&text).map_err(|e| {
+                ConfigError::Invalid(format!("[floodgate] hba_file {}: {e}", path.display()))
+            })?;
+            self.hba = Some(std::sync::Arc::new(hba));
+        }
+        Ok(())
     }
 
     /// This configuration with `[floodgate] key` set to `value` (the console's SET). `value` is
@@ -395,6 +446,7 @@ impl Config {
             match parsed {
                 Ok(mut config) => {
                     config.raw = raw;
+                    config.read_files()?;
                     config.validate()?;
                     return Ok(config);
                 }

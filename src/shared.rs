@@ -47,6 +47,8 @@ pub struct Shared {
     pub sessions: Arc<Sessions>,
     pub switches: Arc<Switches>,
     pub stats: Arc<Stats>,
+    /// Failed logins by IP (`auth_failure_limit`).
+    pub lockout: crate::auth::lockout::Lockout,
 }
 
 impl Shared {
@@ -71,6 +73,7 @@ impl Shared {
             sessions,
             switches,
             stats,
+            lockout: Default::default(),
         }
     }
 

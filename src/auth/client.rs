@@ -20,11 +20,12 @@ pub async fn authenticate(
     stream: &mut TcpStream,
     shared: &Shared,
     user: &str,
+    auth_type: AuthType,
 ) -> Result<(), ClientError> {
     let users = shared.users();
     let secrets = users.get(user);
     let mut buf = BytesMut::new();
-    match shared.config().floodgate.auth_type {
+    match auth_type {
         AuthType::Trust => {
             if secrets.is_none() {
                 return Err(ClientError::BadPassword(user.to_owned()));

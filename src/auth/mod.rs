@@ -2,9 +2,12 @@
 //! logging in to PostgreSQL (upstream).
 
 pub mod client;
+pub mod hba;
+pub mod lockout;
 pub mod md5;
 pub mod scram;
 pub mod upstream;
+pub mod userlist;
 
 use std::collections::HashMap;
 
