@@ -186,6 +186,11 @@ async fn read_message(stream: &mut TcpStream) -> Result<Option<(u8, Vec<u8>)>, S
     Ok(Some((tag, body)))
 }
 
+/// The words of a console command as the console reads them (for property tests).
+pub fn command_words(sql: &str) -> Result<Vec<String>, String> {
+    words(sql).map_err(|r| r.message)
+}
+
 /// Splits a command into words: bare words (commands are matched without regard to case),
 /// double-quoted names (kept as written), single-quoted strings, `=`.
 fn words(sql: &str) -> Result<Vec<String>, Refusal> {
