@@ -88,6 +88,7 @@ pub async fn login(stream: &mut TcpStream, login: &Login) -> Result<LoggedIn, Up
                 let client = scram
                     .as_mut()
                     .ok_or_else(|| protocol(login, "unexpected SASL"))?;
+                check_server_first(body.data()).map_err(|e| protocol(login, e))?;
                 client.update(body.data()).map_err(|e| protocol(login, e))?;
                 frontend::sasl_response(client.message(), &mut out)?;
             }
@@ -152,6 +153,34 @@ fn plain_password(login: &Login) -> Result<&str, UpstreamError> {
     }
 }
 
+/// Most PBKDF2 iterations an upstream may ask for (PostgreSQL's default is 4,096): a hostile or
+/// misconfigured server must not make every login burn seconds of CPU.
+const MAX_SCRAM_ITERATIONS: u32 = 1_000_000;
+
+/// Longest server-first message accepted (nonce, salt and count are a few hundred bytes).
+const MAX_SERVER_FIRST: usize = 4096;
+
+/// Checks the server-first message's size and iteration count before any key is derived.
+fn check_server_first(data: &[u8]) -> Result<(), String> {
+    if data.len() > MAX_SERVER_FIRST {
+        return Err(format!(
+            "SCRAM server-first message of {} bytes (at most {MAX_SERVER_FIRST})",
+            data.len()
+        ));
+    }
+    let text = std::str::from_utf8(data).map_err(|_| "SCRAM server-first is not UTF-8")?;
+    let iterations = text
+        .split(',')
+        .find_map(|attr| attr.strip_prefix("i="))
+        .ok_or("SCRAM server-first without an iteration count")?;
+    match iterations.parse::<u32>() {
+        Ok(n) if (1..=MAX_SCRAM_ITERATIONS).contains(&n) => Ok(()),
+        _ => Err(format!(
+            "SCRAM iteration count {iterations} refused (at most {MAX_SCRAM_ITERATIONS})"
+        )),
+    }
+}
+
 fn protocol(login: &Login, detail: impl std::fmt::Display) -> UpstreamError {
     UpstreamError::Protocol {
         addr: login.addr.clone(),
@@ -176,5 +205,17 @@ fn refused(
         addr: login.addr.clone(),
         code,
         message,
+    }
+}
+
+#[cfg(test)]
+mod scram_limits {
+    #[test]
+    fn absurd_server_first_messages_are_refused() {
+        assert!(super::check_server_first(b"r=abc,s=c2FsdA==,i=4096").is_ok());
+        assert!(super::check_server_first(b"r=abc,s=c2FsdA==,i=999999999").is_err());
+        assert!(super::check_server_first(b"r=abc,s=c2FsdA==,i=0").is_err());
+        assert!(super::check_server_first(b"r=abc,s=c2FsdA==").is_err());
+        assert!(super::check_server_first(&[b'r'; 5000]).is_err());
     }
 }
