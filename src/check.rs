@@ -91,6 +91,7 @@ fn worst_cases(config: &Config) -> BTreeMap<String, (usize, Login)> {
             dbname: db.dbname.clone().unwrap_or_else(|| name.clone()),
             password,
             db_key: name.clone(),
+            learned_keys: None,
         };
         hosts.entry(addr).or_insert((0, login)).0 += total;
     }

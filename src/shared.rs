@@ -49,6 +49,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Failed logins by IP (`auth_failure_limit`).
     pub lockout: crate::auth::lockout::Lockout,
+    /// ClientKeys of SCRAM-only users, learned at their login (SCRAM pass-through).
+    pub learned_keys: Arc<crate::auth::scram::LearnedKeys>,
 }
 
 impl Shared {
@@ -56,10 +58,17 @@ impl Shared {
         let sessions = Arc::new(Sessions::default());
         let switches = Arc::new(Switches::default());
         let stats = Arc::new(Stats::default());
+        let learned_keys = Arc::new(crate::auth::scram::LearnedKeys::default());
         let users = UserStore::new(&config);
         crate::sessions::started();
         Shared {
-            pools: Pools::new(&config, sessions.clone(), switches.clone(), stats.clone()),
+            pools: Pools::new(
+                &config,
+                sessions.clone(),
+                switches.clone(),
+                stats.clone(),
+                learned_keys.clone(),
+            ),
             statements: crate::protocol::prepared::Registry::new(
                 config.floodgate.max_prepared_statement_bytes,
             ),
@@ -74,6 +83,7 @@ impl Shared {
             switches,
             stats,
             lockout: Default::default(),
+            learned_keys,
         }
     }
 

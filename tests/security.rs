@@ -141,3 +141,55 @@ async fn identity_changing_startup_parameters_are_refused() {
     let app = env.connect().await;
     assert_eq!(scalar(&app, "SELECT 1").await, "1");
 }
+
+/// SCRAM pass-through: `[[users]]` holds only PostgreSQL's own SCRAM secret; the client's proof
+/// gives Floodgate the key it logs in upstream with, and no plain-text password is stored.
+#[tokio::test]
+async fn a_scram_secret_alone_logs_in_upstream() {
+    let cluster = start_cluster(HbaAuth::ScramSha256, 100).await;
+    let secret = cluster_sql(
+        &cluster,
+        "postgres",
+        "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'",
+    )
+    .await;
+    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
+    let toml = format!(
+        "[floodgate]\nlisten = \"127.0.0.1:0\"\nauth_type = \"scram-sha-256\"\n\
+         default_pool_size = 2\n\n[[users]]\nname = \"app\"\npassword = \"{secret}\"\n\n\
+         [databases.app]\nhost = \"{}\"\nport = {}\n",
+        cluster.host(),
+        cluster.port()
+    );
+    assert!(
+        !toml.contains("\"secret\""),
+        "no plain-text password in the config"
+    );
+    let proxy = start_proxy(&toml).await;
+    let env = Env { cluster, proxy };
+    let app = env.connect().await;
+    assert_eq!(scalar(&app, "SELECT current_user").await, "app");
+    // More servers log in with the same key.
+    let others: Vec<Conn> = two_more_clients(&env).await;
+    for conn in &others {
+        admin_sql(conn, "BEGIN").await;
+        assert_eq!(scalar(conn, "SELECT 1").await, "1");
+    }
+    for conn in &others {
+        admin_sql(conn, "COMMIT").await;
+    }
+    assert_eq!(env.backend_count().await, 2);
+    // A wrong password still fails, and does not replace the key.
+    assert_eq!(sqlstate(&refused(&env, "app", "wrong").await), "28P01");
+    assert_eq!(scalar(&app, "SELECT 2").await, "2");
+}
+
+async fn two_more_clients(env: &Env) -> Vec<Conn> {
+    vec![env.connect().await, env.connect().await]
+}
+
+async fn admin_sql(conn: &Conn, sql: &str) {
+    within(sql, conn.simple_query(sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+}

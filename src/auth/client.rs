@@ -65,7 +65,17 @@ pub async fn authenticate(
             stream.write_all(&buf).await?;
             let client_final = read_password_message(stream, &mut buf).await?;
             match exchange.finish(&client_final) {
-                Ok(server_final) if known => {
+                Ok((server_final, client_key)) if known => {
+                    // A user stored only as a SCRAM secret: its key is what logs in upstream.
+                    if let Some(s) = secrets.filter(|s| s.plain.is_none())
+                        && let Some(verifier) = s.scram.clone()
+                    {
+                        let keys = crate::auth::scram::PassThroughKeys {
+                            client_key,
+                            verifier,
+                        };
+                        shared.learned_keys.learn(user, keys);
+                    }
                     buf.clear();
                     backend::auth_sasl_final(&mut buf, server_final.as_bytes());
                     stream.write_all(&buf).await?;

@@ -113,8 +113,9 @@ impl Exchange {
         Ok((exchange, server_first))
     }
 
-    /// Checks the client-final message; returns the server-final message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    /// Checks the client-final message; returns the server-final message and the client's
+    /// ClientKey (recovered from its proof) on success.
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, [u8; 32]), ScramError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
@@ -145,13 +146,114 @@ impl Exchange {
             self.client_first_bare, self.server_first, without_proof
         );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
-        let stored: [u8; 32] = Sha256::digest(&client_key).into();
+        let client_key: [u8; 32] = std::array::from_fn(|i| proof[i] ^ signature[i]);
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
         if !super::md5::constant_time_eq(&stored, &self.verifier.stored_key) {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
+    }
+}
+
+/// What SCRAM pass-through needs to log in upstream as a user stored only as a SCRAM secret:
+/// the ClientKey recovered from a client's proof, and the secret it belongs to.
+#[derive(Clone)]
+pub struct PassThroughKeys {
+    pub client_key: [u8; 32],
+    pub verifier: Verifier,
+}
+
+/// ClientKeys learned from successful client logins, by user (never written anywhere).
+#[derive(Default)]
+pub struct LearnedKeys {
+    by_user: std::sync::Mutex<std::collections::HashMap<String, PassThroughKeys>>,
+}
+
+impl LearnedKeys {
+    pub fn learn(&self, user: &str, keys: PassThroughKeys) {
+        let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        by_user.insert(user.to_owned(), keys);
+    }
+
+    pub fn get(&self, user: &str) -> Option<PassThroughKeys> {
+        let by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        by_user.get(user).cloned()
+    }
+}
+
+/// The client side of SCRAM-SHA-256 with a ClientKey instead of a password (pass-through).
+pub struct KeyedClient {
+    keys: PassThroughKeys,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl KeyedClient {
+    pub fn new(keys: PassThroughKeys) -> KeyedClient {
+        let nonce = B64.encode(rand::random::<[u8; 18]>());
+        KeyedClient {
+            keys,
+            client_first_bare: format!("n=,r={nonce}"),
+            nonce,
+            auth_message: None,
+        }
+    }
+
+    /// The client-first message.
+    pub fn first(&self) -> String {
+        format!("n,,{}", self.client_first_bare)
+    }
+
+    /// Takes the server-first message; returns the client-final one. The server must use the
+    /// salt and iteration count of the secret the key was learned with.
+    pub fn respond(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let text =
+            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let attr = |name: &str| {
+            text.split(',')
+                .find_map(|a| a.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        };
+        let nonce = attr("r").ok_or(ScramError::Malformed("no nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed(
+                "the server's nonce does not extend ours",
+            ));
+        }
+        let salt = attr("s").and_then(|s| B64.decode(s).ok());
+        let iterations = attr("i").and_then(|i| i.parse::<u32>().ok());
+        if salt.as_deref() != Some(&self.keys.verifier.salt[..])
+            || iterations != Some(self.keys.verifier.iterations)
+        {
+            return Err(ScramError::Malformed(
+                "the server's SCRAM secret is not the configured one (salt or iterations differ)",
+            ));
+        }
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let signature = hmac(&self.keys.verifier.stored_key, auth_message.as_bytes());
+        let proof: [u8; 32] = std::array::from_fn(|i| self.keys.client_key[i] ^ signature[i]);
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final message (the server knows the secret too).
+    pub fn verify(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let auth_message = self
+            .auth_message
+            .as_ref()
+            .ok_or(ScramError::Malformed("server-final before server-first"))?;
+        let expected = hmac(&self.keys.verifier.server_key, auth_message.as_bytes());
+        let text = std::str::from_utf8(server_final).unwrap_or("");
+        let given = text
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or(ScramError::Malformed("no server signature"))?;
+        match super::md5::constant_time_eq(&given, &expected) {
+            true => Ok(()),
+            false => Err(ScramError::BadProof),
+        }
     }
 }
 
@@ -169,7 +271,7 @@ mod tests {
             ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let (exchange, server_first) = Exchange::start(verifier, client.message())?;
         client.update(server_first.as_bytes()).unwrap();
-        let server_final = exchange.finish(client.message())?;
+        let (server_final, _) = exchange.finish(client.message())?;
         client
             .finish(server_final.as_bytes())
             .expect("client verifies the server");
@@ -180,6 +282,35 @@ mod tests {
     fn exchange_with_rust_postgres_client() {
         assert_eq!(run("s3cret", "s3cret"), Ok(()));
         assert_eq!(run("s3cret", "wrong"), Err(ScramError::BadProof));
+    }
+
+    /// A key learned from one client's proof logs in against the same secret, and the server's
+    /// signature is checked.
+    #[test]
+    fn pass_through_keys_log_in_with_the_same_secret() {
+        let secret = postgres_protocol::password::scram_sha_256(b"s3cret");
+        let verifier = Verifier::parse(&secret).unwrap();
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+        let (exchange, server_first) = Exchange::start(verifier.clone(), client.message()).unwrap();
+        client.update(server_first.as_bytes()).unwrap();
+        let (_, client_key) = exchange.finish(client.message()).unwrap();
+        let keys = PassThroughKeys {
+            client_key,
+            verifier: verifier.clone(),
+        };
+        // The upstream is another server-side exchange with the same secret.
+        let mut keyed = KeyedClient::new(keys.clone());
+        let (upstream, server_first) =
+            Exchange::start(verifier.clone(), keyed.first().as_bytes()).unwrap();
+        let client_final = keyed.respond(server_first.as_bytes()).unwrap();
+        let (server_final, _) = upstream.finish(client_final.as_bytes()).unwrap();
+        keyed.verify(server_final.as_bytes()).unwrap();
+        // Another secret (another salt) is refused before any proof is sent.
+        let other =
+            Verifier::parse(&postgres_protocol::password::scram_sha_256(b"s3cret")).unwrap();
+        let mut keyed = KeyedClient::new(keys);
+        let (_, server_first) = Exchange::start(other, keyed.first().as_bytes()).unwrap();
+        assert!(keyed.respond(server_first.as_bytes()).is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct Login {
     pub password: Option<String>,
     /// The `[databases.NAME]` key, for error messages.
     pub db_key: String,
+    /// With no plain-text password, SCRAM uses the key learned from the user's own login.
+    pub learned_keys: Option<std::sync::Arc<crate::auth::scram::LearnedKeys>>,
 }
 
 /// What the server told us during login.
@@ -42,6 +44,7 @@ pub async fn login(stream: &mut TcpStream, login: &Login) -> Result<LoggedIn, Up
     stream.write_all(&out).await?;
     let mut inbuf = BytesMut::with_capacity(1024);
     let mut scram: Option<ScramSha256> = None;
+    let mut keyed: Option<crate::auth::scram::KeyedClient> = None;
     let mut done = LoggedIn {
         params: Vec::new(),
         pid: 0,
@@ -77,12 +80,41 @@ pub async fn login(stream: &mut TcpStream, login: &Login) -> Result<LoggedIn, Up
                 if !offered {
                     return Err(unsupported(login, "SASL without SCRAM-SHA-256"));
                 }
-                let client = ScramSha256::new(
-                    plain_password(login)?.as_bytes(),
-                    ChannelBinding::unsupported(),
-                );
-                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out)?;
-                scram = Some(client);
+                if plain_password(login).is_err()
+                    && let Some(keys) = login.learned_keys.as_ref().and_then(|k| k.get(&login.user))
+                {
+                    // SCRAM pass-through: no password stored, the key from the user's login.
+                    let client = crate::auth::scram::KeyedClient::new(keys);
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        client.first().as_bytes(),
+                        &mut out,
+                    )?;
+                    keyed = Some(client);
+                } else {
+                    let client = ScramSha256::new(
+                        plain_password(login)?.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out)?;
+                    scram = Some(client);
+                }
+            }
+            Message::AuthenticationSaslContinue(body) if keyed.is_some() => {
+                check_server_first(body.data()).map_err(|e| protocol(login, e))?;
+                let client = keyed
+                    .as_mut()
+                    .ok_or_else(|| protocol(login, "unexpected SASL"))?;
+                let response = client
+                    .respond(body.data())
+                    .map_err(|e| protocol(login, e))?;
+                frontend::sasl_response(response.as_bytes(), &mut out)?;
+            }
+            Message::AuthenticationSaslFinal(body) if keyed.is_some() => {
+                let client = keyed
+                    .as_ref()
+                    .ok_or_else(|| protocol(login, "unexpected SASL"))?;
+                client.verify(body.data()).map_err(|e| protocol(login, e))?;
             }
             Message::AuthenticationSaslContinue(body) => {
                 let client = scram

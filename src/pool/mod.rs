@@ -386,6 +386,8 @@ pub struct Pools {
     sessions: Arc<Sessions>,
     switches: Arc<Switches>,
     stats: Arc<Stats>,
+    /// For upstream logins of SCRAM-only users (pass-through).
+    learned_keys: Arc<crate::auth::scram::LearnedKeys>,
 }
 
 /// What a pool for `db` and `upstream_user` is built from under `config`.
@@ -434,6 +436,7 @@ impl Pools {
         sessions: Arc<Sessions>,
         switches: Arc<Switches>,
         stats: Arc<Stats>,
+        learned_keys: Arc<crate::auth::scram::LearnedKeys>,
     ) -> Pools {
         Pools {
             param_names: crate::params::names(&config.floodgate.track_extra_parameters),
@@ -443,6 +446,7 @@ impl Pools {
             sessions,
             switches,
             stats,
+            learned_keys,
         }
     }
 
@@ -510,6 +514,7 @@ impl Pools {
             dbname: spec.dbname.clone(),
             password: spec.password.clone(),
             db_key: db.to_owned(),
+            learned_keys: Some(self.learned_keys.clone()),
         };
         let generation = Arc::new(AtomicU64::new(0));
         let stats = self.stats.pool(db, &upstream_user);
