@@ -360,7 +360,15 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
         });
     }
     let auth_type = auth_type_for(&config, ip, &database, &user)?;
-    match crate::auth::client::authenticate(stream, shared, &user, auth_type).await {
+    // Users not configured here may be looked up in PostgreSQL (auth_query).
+    let looked_up = match shared.users().get(&user) {
+        Some(_) => None,
+        None if crate::admin::is_console(&database) => None,
+        None => crate::auth::query::lookup(shared, &database, &user).await,
+    };
+    let login =
+        crate::auth::client::authenticate(stream, shared, &user, auth_type, looked_up.as_ref());
+    match login.await {
         Err(ClientError::BadPassword(user)) => {
             let g = &config.floodgate;
             let (limit, window, ban) = (

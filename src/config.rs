@@ -166,6 +166,13 @@ pub struct General {
     /// How long an IP over `auth_failure_limit` is refused.
     #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub auth_failure_ban: Duration,
+    /// Looks up users not configured here in PostgreSQL, as this user (its password in
+    /// `[[users]]`).
+    pub auth_user: Option<String>,
+    /// The query (`$1` = the user name); default: `pg_shadow`, honouring VALID UNTIL.
+    pub auth_query: Option<String>,
+    /// The database the lookup runs in (default: the one the client asked for).
+    pub auth_dbname: Option<String>,
 }
 
 /// `[floodgate]` keys a reload or SET cannot change: they keep their value until a restart.
@@ -247,6 +254,9 @@ impl Default for General {
             auth_failure_limit: 20,
             auth_failure_window: Duration::from_secs(60),
             auth_failure_ban: Duration::from_secs(60),
+            auth_user: None,
+            auth_query: None,
+            auth_dbname: None,
         }
     }
 }

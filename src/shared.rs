@@ -51,6 +51,8 @@ pub struct Shared {
     pub lockout: crate::auth::lockout::Lockout,
     /// ClientKeys of SCRAM-only users, learned at their login (SCRAM pass-through).
     pub learned_keys: Arc<crate::auth::scram::LearnedKeys>,
+    /// Secrets looked up by `auth_query`, briefly.
+    pub auth_cache: crate::auth::query::AuthQueryCache,
 }
 
 impl Shared {
@@ -84,6 +86,7 @@ impl Shared {
             stats,
             lockout: Default::default(),
             learned_keys,
+            auth_cache: Default::default(),
         }
     }
 

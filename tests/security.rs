@@ -193,3 +193,41 @@ async fn admin_sql(conn: &Conn, sql: &str) {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
 }
+
+/// auth_query: a user only PostgreSQL knows logs in (its SCRAM secret looked up through the
+/// auth_user's pool, then used for pass-through); an expired role (VALID UNTIL) does not.
+#[tokio::test]
+async fn auth_query_finds_users_postgres_knows_and_honours_valid_until() {
+    let cluster = start_cluster(HbaAuth::ScramSha256, 100).await;
+    cluster_sql(
+        &cluster,
+        "postgres",
+        "CREATE ROLE authq LOGIN SUPERUSER PASSWORD 'authq-pw'; \
+         CREATE ROLE dyn LOGIN PASSWORD 'dyn-pw'; \
+         CREATE ROLE old LOGIN PASSWORD 'old-pw' VALID UNTIL '2000-01-01'",
+    )
+    .await;
+    let toml = format!(
+        "[floodgate]\nlisten = \"127.0.0.1:0\"\nauth_type = \"scram-sha-256\"\n\
+         default_pool_size = 2\nauth_user = \"authq\"\n\n\
+         [[users]]\nname = \"authq\"\npassword = \"authq-pw\"\n\n\
+         [databases.app]\nhost = \"{}\"\nport = {}\n",
+        cluster.host(),
+        cluster.port()
+    );
+    let proxy = start_proxy(&toml).await;
+    let env = Env { cluster, proxy };
+    let dyn_user = env
+        .try_connect("dyn", Some("dyn-pw"), "app")
+        .await
+        .expect("a user found by auth_query logs in");
+    assert_eq!(scalar(&dyn_user, "SELECT current_user").await, "dyn");
+    assert_eq!(sqlstate(&refused(&env, "dyn", "wrong").await), "28P01");
+    assert_eq!(sqlstate(&refused(&env, "old", "old-pw").await), "28P01");
+    assert_eq!(sqlstate(&refused(&env, "nobody", "x").await), "28P01");
+    // The client's startup parameters never reach the lookup's session.
+    let mut config = env.config("dyn", Some("dyn-pw"), "app");
+    config.options("-c search_path=evil");
+    let again = connect(&config).await.expect("login with a search_path");
+    assert_eq!(scalar(&again, "SELECT 1").await, "1");
+}

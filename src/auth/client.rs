@@ -21,9 +21,10 @@ pub async fn authenticate(
     shared: &Shared,
     user: &str,
     auth_type: AuthType,
+    looked_up: Option<&crate::auth::Secrets>,
 ) -> Result<(), ClientError> {
     let users = shared.users();
-    let secrets = users.get(user);
+    let secrets = users.get(user).or(looked_up);
     let mut buf = BytesMut::new();
     match auth_type {
         AuthType::Trust => {

@@ -5,6 +5,7 @@ pub mod client;
 pub mod hba;
 pub mod lockout;
 pub mod md5;
+pub mod query;
 pub mod scram;
 pub mod upstream;
 pub mod userlist;
