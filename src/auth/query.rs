@@ -23,9 +23,13 @@ pub const DEFAULT_QUERY: &str = "SELECT usename, CASE WHEN valuntil IS NULL OR v
     OPERATOR(pg_catalog.>) pg_catalog.now() THEN passwd END FROM pg_catalog.pg_shadow \
     WHERE usename OPERATOR(pg_catalog.=) $1";
 
+/// A lookup's answer, and when it was made.
+type Cached = (Instant, Option<Secrets>);
+
+/// Lookups by (database, user).
 #[derive(Default)]
 pub struct AuthQueryCache {
-    by_user: Mutex<HashMap<(String, String), (Instant, Option<Secrets>)>>,
+    by_user: Mutex<HashMap<(String, String), Cached>>,
 }
 
 /// `text` as a dollar-quoted literal whose tag does not occur in it.
