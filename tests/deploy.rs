@@ -163,3 +163,55 @@ async fn every_metric_the_dashboard_queries_exists() {
         "dashboard queries metrics /metrics lacks: {missing:?}"
     );
 }
+
+/// deploy/kubernetes/: every manifest parses and has what a production rollout needs.
+#[tokio::test]
+async fn kubernetes_manifests_have_what_production_needs() {
+    let script = r#"
+import sys, glob, yaml
+docs = {}
+for path in sorted(glob.glob(sys.argv[1] + '/*.yaml')):
+    for doc in yaml.safe_load_all(open(path)):
+        docs[doc['kind']] = doc
+problems = []
+def need(ok, what):
+    if not ok:
+        problems.append(what)
+need(set(docs) >= {'ConfigMap', 'Secret', 'Deployment', 'Service', 'HorizontalPodAutoscaler', 'PodDisruptionBudget', 'ServiceMonitor'}, 'kinds: ' + ','.join(sorted(docs)))
+pod = docs['Deployment']['spec']['template']['spec']
+c = pod['containers'][0]
+need(c['readinessProbe']['httpGet']['path'] == '/readyz', 'readiness on /readyz')
+need(c['livenessProbe']['httpGet']['path'] == '/healthz', 'liveness on /healthz')
+need('preStop' in c['lifecycle'], 'preStop')
+need('cpu' in c['resources']['requests'] and 'memory' in c['resources']['requests'], 'resource requests')
+need(pod['securityContext']['runAsNonRoot'] is True, 'non-root')
+need(c['securityContext']['readOnlyRootFilesystem'] is True, 'read-only root filesystem')
+need(pod['terminationGracePeriodSeconds'] > 35, 'grace period longer than preStop + shutdown_timeout')
+hpa = docs['HorizontalPodAutoscaler']['spec']
+need(hpa['metrics'][0]['resource']['name'] == 'cpu', 'HPA on CPU')
+need(hpa['behavior']['scaleUp']['stabilizationWindowSeconds'] == 0, 'fast scale-up')
+pdb = docs['PodDisruptionBudget']['spec']
+need('maxUnavailable' in pdb or 'minAvailable' in pdb, 'PDB budget')
+ports = {p['name'] for p in docs['Service']['spec']['ports']}
+need(ports == {'postgres', 'metrics'}, 'service ports')
+print('\n'.join(problems))
+sys.stdout.write('@@CONFIG@@' + docs['ConfigMap']['data']['floodgate.toml'])
+"#;
+    let out = python(script, &repo("deploy/kubernetes")).await;
+    let (problems, config) = out.split_once("@@CONFIG@@").expect("config printed");
+    assert!(problems.trim().is_empty(), "manifest problems:\n{problems}");
+    // The ConfigMap's file is a valid Floodgate configuration (with the Secret's files).
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("userlist.txt"), "\"app\" \"pw\"\n").unwrap();
+    std::fs::write(dir.path().join("admin_token"), "tok\n").unwrap();
+    let config = config.replace("/etc/floodgate/secret", &dir.path().display().to_string());
+    let config = floodgate::config::Config::from_toml_str(&config).expect("the ConfigMap's config");
+    assert!(
+        config.user("app").is_some(),
+        "users come from the Secret's userlist.txt"
+    );
+    assert!(
+        config.metrics.is_some(),
+        "the probes' endpoint is configured"
+    );
+}
