@@ -24,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod import;
 pub mod limits;
 pub mod metrics;
 pub mod params;

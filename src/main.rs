@@ -57,6 +57,14 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Print a floodgate.toml equivalent to a PgBouncer configuration (and list what could not
+    /// be mapped, on stderr).
+    ImportPgbouncer {
+        /// pgbouncer.ini
+        ini: PathBuf,
+        /// userlist.txt (default: the ini's auth_file)
+        userlist: Option<PathBuf>,
+    },
     /// Exit 0 if the [metrics] endpoint at ADDR answers /healthz (a container HEALTHCHECK).
     Healthcheck {
         #[arg(default_value = "127.0.0.1:9187")]
@@ -123,6 +131,15 @@ async fn dispatch(cli: Cli, config: Option<Config>) -> anyhow::Result<()> {
         (Command::Check, Some(config)) => check(&config).await,
         (Command::Demo { listen }, _) => floodgate::demo::run(listen).await,
         (Command::Healthcheck { addr }, _) => healthcheck(addr),
+        (Command::ImportPgbouncer { ini, userlist }, _) => {
+            let imported = floodgate::import::import(&ini, userlist.as_deref())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            print!("{}", imported.toml);
+            for line in &imported.unmapped {
+                eprintln!("not mapped: {line}");
+            }
+            Ok(())
+        }
         (Command::Version, _) => {
             println!("floodgate {}", env!("CARGO_PKG_VERSION"));
             Ok(())
