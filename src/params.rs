@@ -263,17 +263,59 @@ pub fn error_fields(
     while let Ok(Some(f)) = fields.next() {
         let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'C' => code = value,
+            b'C' if is_sqlstate(&value) => code = value,
             b'M' => message = value,
             _ => {}
         }
     }
+    // A hostile or broken upstream must not hand a client a huge message.
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
     (code, message)
+}
+
+/// Longest server error message passed on (from the proxy's own login and queries).
+const MAX_ERROR_MESSAGE: usize = 2048;
+
+/// Five ASCII digits or upper-case letters, as every SQLSTATE is.
+fn is_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_error_fields_are_tamed() {
+        assert!(is_sqlstate("57P03") && is_sqlstate("XX000"));
+        assert!(!is_sqlstate("") && !is_sqlstate("hello") && !is_sqlstate("57P031"));
+        let mut body = bytes::BytesMut::new();
+        body.extend_from_slice(b"SFATAL\0Cnot a code\0M");
+        body.extend_from_slice("é".repeat(3000).as_bytes());
+        body.extend_from_slice(b"\0\0");
+        let mut msg = bytes::BytesMut::new();
+        msg.extend_from_slice(b"E");
+        msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        msg.extend_from_slice(&body);
+        let Ok(Some(postgres_protocol::message::backend::Message::ErrorResponse(e))) =
+            postgres_protocol::message::backend::Message::parse(&mut msg)
+        else {
+            panic!("an ErrorResponse")
+        };
+        let (code, message) = error_fields(&e);
+        assert_eq!(code, "XX000");
+        assert!(message.len() <= MAX_ERROR_MESSAGE + 3 && message.ends_with("..."));
+    }
 
     #[test]
     fn only_differences_are_set_and_quoted() {
