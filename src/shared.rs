@@ -193,6 +193,40 @@ impl Shared {
     }
 }
 
+/// One pool's clients by state, and how long the longest-waiting one has waited.
+#[derive(Default, Clone, Copy)]
+pub struct PoolClients {
+    pub active: i64,
+    pub waiting: i64,
+    pub idle: i64,
+    pub longest_wait_us: u64,
+}
+
+impl Shared {
+    /// Clients per pool (database, upstream user), for SHOW POOLS and `/metrics`.
+    pub fn clients_by_pool(&self) -> std::collections::HashMap<(String, String), PoolClients> {
+        use crate::sessions::{ClientState, now_us};
+        let config = self.config();
+        let now = now_us();
+        let mut by_pool: std::collections::HashMap<_, PoolClients> = Default::default();
+        for c in self.sessions.clients() {
+            let Some(upstream) = Pools::upstream_user(&config, &c.database, &c.user) else {
+                continue;
+            };
+            let entry = by_pool.entry((c.database.clone(), upstream)).or_default();
+            match c.state() {
+                ClientState::Active => entry.active += 1,
+                ClientState::Idle => entry.idle += 1,
+                ClientState::Waiting => {
+                    entry.waiting += 1;
+                    entry.longest_wait_us = entry.longest_wait_us.max(c.waiting_us(now));
+                }
+            }
+        }
+        by_pool
+    }
+}
+
 /// The math of `floodgate check`, as warnings (at start and at every reload).
 pub fn warn_connection_math(config: Arc<Config>) {
     tokio::spawn(async move {

@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use bytes::BytesMut;
 
 use super::table::{Cell, Kind, NULL, Table, int, text, timestamp};
-use crate::config::{Config, PoolMode};
-use crate::pool::Pools;
+use crate::config::PoolMode;
 use crate::sessions::{ClientState, ServerState, now_us, wall_clock};
 use crate::shared::Shared;
 use crate::stats;
@@ -22,29 +21,8 @@ fn mode_name(mode: PoolMode) -> &'static str {
     }
 }
 
-/// Client counts per pool (database, upstream user): (active or idle, waiting, longest wait).
-fn clients_by_pool(shared: &Shared, config: &Config) -> HashMap<(String, String), (i64, i64, u64)> {
-    let now = now_us();
-    let mut by_pool: HashMap<(String, String), (i64, i64, u64)> = HashMap::new();
-    for c in shared.sessions.clients() {
-        let Some(upstream) = Pools::upstream_user(config, &c.database, &c.user) else {
-            continue;
-        };
-        let entry = by_pool.entry((c.database.clone(), upstream)).or_default();
-        match c.state() {
-            ClientState::Waiting => {
-                entry.1 += 1;
-                entry.2 = entry.2.max(c.waiting_us(now));
-            }
-            _ => entry.0 += 1,
-        }
-    }
-    by_pool
-}
-
 pub fn pools(shared: &Shared, out: &mut BytesMut) {
-    let config = shared.config();
-    let clients = clients_by_pool(shared, &config);
+    let clients = shared.clients_by_pool();
     let mut t = Table::new(
         out,
         &[
@@ -74,10 +52,12 @@ pub fn pools(shared: &Shared, out: &mut BytesMut) {
         ],
     );
     for pool in shared.pools.list() {
-        let (active, waiting, maxwait) = clients
+        let c = clients
             .get(&(pool.database.clone(), pool.user.clone()))
             .copied()
             .unwrap_or_default();
+        // PgBouncer counts idle clients as active (linked, or with no query waiting).
+        let (active, waiting, maxwait) = (c.active + c.idle, c.waiting, c.longest_wait_us);
         let position = pool.switch.position();
         t.row(vec![
             text(&pool.database),

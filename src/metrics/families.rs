@@ -8,7 +8,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::sessions::{ClientState, now_us};
 use crate::shared::Shared;
 use crate::stats::idx;
 
@@ -352,34 +351,24 @@ fn pools(shared: &Shared, live: &Live) {
             counter.with_label_values(&labels).inc_by(values[*i]);
         }
     }
-    // Clients per pool and state, and the longest wait.
-    let now = now_us();
-    let mut longest: std::collections::HashMap<(String, String), u64> = Default::default();
+    // Clients per pool and state, and the longest wait (every pool listed, zeros included).
+    let mut by_pool = shared.clients_by_pool();
     for pool in shared.pools.list() {
-        for state in ["active", "waiting", "idle"] {
-            clients
-                .with_label_values(&[&pool.database, &pool.user, state])
-                .set(0);
+        by_pool
+            .entry((pool.database.clone(), pool.user.clone()))
+            .or_default();
+    }
+    for ((db, user), c) in by_pool {
+        for (state, n) in [
+            ("active", c.active),
+            ("waiting", c.waiting),
+            ("idle", c.idle),
+        ] {
+            clients.with_label_values(&[&db, &user, state]).set(n);
         }
-        longest.insert((pool.database.clone(), pool.user.clone()), 0);
-    }
-    for c in shared.sessions.clients() {
-        let Some(user) = crate::pool::Pools::upstream_user(&config, &c.database, &c.user) else {
-            continue;
-        };
-        let state = match c.state() {
-            ClientState::Active => "active",
-            ClientState::Waiting => "waiting",
-            ClientState::Idle => "idle",
-        };
-        clients
-            .with_label_values(&[&c.database, &user, state])
-            .inc();
-        let wait = longest.entry((c.database.clone(), user)).or_default();
-        *wait = (*wait).max(c.waiting_us(now));
-    }
-    for ((db, user), us) in longest {
-        oldest.with_label_values(&[&db, &user]).set(us as f64 / 1e6);
+        oldest
+            .with_label_values(&[&db, &user])
+            .set(c.longest_wait_us as f64 / 1e6);
     }
     for pool in shared.pools.list() {
         let labels = [pool.database.as_str(), pool.user.as_str()];
