@@ -1458,6 +1458,7 @@ fn run() -> Result<(), String> {
         auth: HbaAuth::Trust,
         max_connections: 100,
         extra_conf: Vec::new(),
+        ..ClusterOptions::default()
     })
     .map_err(|e| format!("cannot start PostgreSQL: {e}"))?;
     let cluster = Arc::new(cluster);

@@ -57,7 +57,7 @@ pub fn release(buf: &mut BytesMut) {
 /// the poll, not in the waiting future. (Through `poll_read`, which knows a short read drained
 /// the socket: no extra read that would only say "nothing more".)
 pub fn poll_read_small(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut crate::stream::Stream,
     cx: &mut std::task::Context<'_>,
     buf: &mut BytesMut,
 ) -> std::task::Poll<std::io::Result<usize>> {

@@ -92,6 +92,7 @@ fn worst_cases(config: &Config) -> BTreeMap<String, (usize, Login)> {
             password,
             db_key: name.clone(),
             learned_keys: None,
+            tls: config.tls.servers.clone(),
         };
         hosts.entry(addr).or_insert((0, login)).0 += total;
     }

@@ -8,6 +8,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::stream::Stream;
+
 use crate::cancel::ClientCancel;
 use crate::config::Config;
 use crate::config::PoolMode;
@@ -18,7 +20,7 @@ use crate::protocol::frame::{self, FrameError, HEADER_LEN, ReadError};
 use crate::protocol::pipeline::{Scratch, Tracker};
 use crate::protocol::prepared::ClientStatements;
 use crate::protocol::sqlstate;
-use crate::protocol::startup::{self, StartupError, StartupPacket};
+use crate::protocol::startup::{StartupError, StartupPacket};
 use crate::relay::{Abandoned, Outcome, Relay, Timeout, Timeouts};
 use crate::sessions::{ClientInfo, ClientState, NewClient, Registered, ServerState, now_us};
 use crate::shared::Shared;
@@ -72,6 +74,10 @@ pub enum ClientError {
     #[error("{0}")]
     HbaRejected(String),
     #[error(
+        "SSL/TLS required (client_tls_sslmode = {0}): connect with sslmode=require or stronger"
+    )]
+    TlsRequired(String),
+    #[error(
         "startup parameter \"{0}\" is not allowed through Floodgate: it would change the \
          identity servers are shared under"
     )]
@@ -114,6 +120,7 @@ impl ClientError {
             ClientError::NotConsoleUser(_) => sqlstate::INSUFFICIENT_PRIVILEGE.into(),
             ClientError::Banned { .. }
             | ClientError::HbaRejected(_)
+            | ClientError::TlsRequired(_)
             | ClientError::IdentityParameter(_) => sqlstate::INVALID_AUTHORIZATION.into(),
             ClientError::Replication => sqlstate::FEATURE_NOT_SUPPORTED.into(),
         }
@@ -145,37 +152,62 @@ impl From<std::io::Error> for ClientError {
 }
 
 /// Serves one accepted connection to the end.
-pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
+pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
     let timeout = shared.config().floodgate.client_login_timeout;
-    // Boxed, like each transaction below: the task of an idle client keeps only what it needs
-    // between transactions, not the space the login or a relay takes.
-    let login = Box::pin(async {
-        if timeout.is_zero() {
-            login(&mut stream, &shared).await
-        } else {
-            tokio::time::timeout(timeout, login(&mut stream, &shared))
-                .await
-                .unwrap_or(Err(ClientError::LoginTimeout))
-        }
-    });
-    let logins = &shared.sessions.logging_in;
-    logins.fetch_add(1, Relaxed);
-    let login = login.await;
-    logins.fetch_sub(1, Relaxed);
-    let result = match login {
-        Ok(Some(Login::Session(session))) => session.run(&mut stream).await,
-        Ok(Some(Login::Console { user, role })) => {
-            crate::admin::serve(&mut stream, shared.clone(), &user, role).await;
-            Ok(())
-        }
-        Ok(None) => Ok(()),
+    let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+    let config = shared.config();
+    let opening = Box::pin(crate::tls::accept::open(tcp, &config.tls));
+    let opened = match deadline {
+        None => opening.await,
+        Some(at) => match tokio::time::timeout_at(at, opening).await {
+            Ok(opened) => opened,
+            Err(_) => return,
+        },
+    };
+    drop(config);
+    let Some(mut stream) = opened.stream else {
+        return;
+    };
+    let result = match opened.first {
+        Ok(first) => serve_opened(&mut stream, first, deadline, &shared).await,
         Err(e) => Err(e),
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection closed with an error");
         count(&shared, &e);
         fatal(&mut stream, &e).await;
+    }
+}
+
+/// Logs the client in (within `client_login_timeout`) and serves its session or console.
+async fn serve_opened(
+    stream: &mut Stream,
+    first: StartupPacket,
+    deadline: Option<tokio::time::Instant>,
+    shared: &Arc<Shared>,
+) -> Result<(), ClientError> {
+    // Boxed, like each transaction below: the task of an idle client keeps only what it needs
+    // between transactions, not the space the login or a relay takes.
+    let login = Box::pin(async {
+        match deadline {
+            None => login(stream, first, shared).await,
+            Some(at) => tokio::time::timeout_at(at, login(stream, first, shared))
+                .await
+                .unwrap_or(Err(ClientError::LoginTimeout)),
+        }
+    });
+    let logins = &shared.sessions.logging_in;
+    logins.fetch_add(1, Relaxed);
+    let login = login.await;
+    logins.fetch_sub(1, Relaxed);
+    match login? {
+        Some(Login::Session(session)) => session.run(stream).await,
+        Some(Login::Console { user, role }) => {
+            crate::admin::serve(stream, shared.clone(), &user, role).await;
+            Ok(())
+        }
+        None => Ok(()),
     }
 }
 
@@ -204,6 +236,7 @@ fn count(shared: &Shared, e: &ClientError) {
         ClientError::NotConsoleUser(_) => Some("console_access"),
         ClientError::Banned { .. } => Some("auth_failure_ban"),
         ClientError::HbaRejected(_) => Some("hba"),
+        ClientError::TlsRequired(_) => Some("tls_required"),
         ClientError::IdentityParameter(_) | ClientError::Replication => Some("startup_parameter"),
         ClientError::Limit(limit) => Some(limit.setting()),
         _ => None,
@@ -214,7 +247,7 @@ fn count(shared: &Shared, e: &ClientError) {
 }
 
 /// Sends a FATAL ErrorResponse for `e` (if the client can still hear it).
-async fn fatal(stream: &mut TcpStream, e: &ClientError) {
+async fn fatal(stream: &mut Stream, e: &ClientError) {
     if matches!(e, ClientError::Gone) {
         return;
     }
@@ -229,6 +262,7 @@ async fn fatal(stream: &mut TcpStream, e: &ClientError) {
 fn auth_type_for(
     config: &Config,
     ip: std::net::IpAddr,
+    tls: bool,
     database: &str,
     user: &str,
 ) -> Result<crate::config::AuthType, ClientError> {
@@ -236,13 +270,14 @@ fn auth_type_for(
     let Some(hba) = &config.hba else {
         return Ok(config.floodgate.auth_type);
     };
-    match hba.decide(ip, false, database, user) {
+    let encryption = if tls { "SSL encryption" } else { "no encryption" };
+    match hba.decide(ip, tls, database, user) {
         Decision::Allow(auth_type, _) => Ok(auth_type),
         Decision::Reject(line) => Err(ClientError::HbaRejected(format!(
             "hba_file line {line} rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\""
         ))),
         Decision::NoMatch => Err(ClientError::HbaRejected(format!(
-            "no hba_file entry for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+            "no hba_file entry for host \"{ip}\", user \"{user}\", database \"{database}\", {encryption}"
         ))),
     }
 }
@@ -278,24 +313,34 @@ struct Session {
     _admitted: Vec<crate::limits::Admitted>,
 }
 
-/// Startup packets until a StartupMessage, then authentication; `None` for a cancel request.
-async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Login>, ClientError> {
-    let (minor, startup_params) = loop {
-        match startup::read_startup(stream).await? {
-            None => return Err(ClientError::Gone),
-            Some(StartupPacket::SslRequest) | Some(StartupPacket::GssEncRequest) => {
-                stream.write_all(b"N").await?;
+/// Logs in the client whose first packet (after any TLS negotiation) was `first`; `None` for
+/// a cancel request.
+async fn login(
+    stream: &mut Stream,
+    first: StartupPacket,
+    shared: &Arc<Shared>,
+) -> Result<Option<Login>, ClientError> {
+    let (minor, startup_params) = match first {
+        StartupPacket::Cancel { pid, secret } => {
+            if let Some(target) = shared.cancels.target(pid, secret) {
+                shared.stats.telemetry.cancels.inc();
+                let _ = target.send().await;
             }
-            Some(StartupPacket::Cancel { pid, secret }) => {
-                if let Some(target) = shared.cancels.target(pid, secret) {
-                    shared.stats.telemetry.cancels.inc();
-                    let _ = target.send().await;
-                }
-                return Ok(None);
-            }
-            Some(StartupPacket::Startup { minor, params }) => break (minor, params),
+            return Ok(None);
+        }
+        StartupPacket::Startup { minor, params } => (minor, params),
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            return Err(ClientError::Protocol(
+                "encryption requested after negotiation".into(),
+            ));
         }
     };
+    if let Some(mode) = shared.config().tls.client_mode
+        && mode.requires_tls()
+        && !stream.is_tls()
+    {
+        return Err(ClientError::TlsRequired(crate::tls::mode_name(mode)));
+    }
     let config = shared.config();
     let names = shared.pools.param_names.clone();
     let mut user = None;
@@ -351,6 +396,7 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
     }
 
     let ip = stream
+        .tcp()
         .peer_addr()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     if let Some(left) = shared.lockout.banned(ip) {
@@ -359,7 +405,7 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
             secs: left.as_secs() + 1,
         });
     }
-    let auth_type = auth_type_for(&config, ip, &database, &user)?;
+    let auth_type = auth_type_for(&config, ip, stream.is_tls(), &database, &user)?;
     // Users not configured here may be looked up in PostgreSQL (auth_query).
     let looked_up = match shared.users().get(&user) {
         Some(_) => None,
@@ -425,8 +471,9 @@ async fn login(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Lo
             .to_owned(),
         user,
         database,
-        addr: stream.peer_addr().unwrap_or(unknown),
-        local_addr: stream.local_addr().unwrap_or(unknown),
+        addr: stream.tcp().peer_addr().unwrap_or(unknown),
+        local_addr: stream.tcp().local_addr().unwrap_or(unknown),
+        tls: stream.tls_description(),
     });
     pool.stats.add(crate::stats::idx::LOGINS, 1);
     Ok(Some(Login::Session(Box::new(Session {
@@ -453,7 +500,7 @@ enum Idle {
 
 impl Session {
     /// The transaction loop, until the client leaves.
-    async fn run(mut self: Box<Self>, stream: &mut TcpStream) -> Result<(), ClientError> {
+    async fn run(mut self: Box<Self>, stream: &mut Stream) -> Result<(), ClientError> {
         let mut shutdown = self.shared.shutdown.subscribe();
         // One future for the whole session, not one registration per transaction.
         let stop = async move {
@@ -494,7 +541,7 @@ impl Session {
 
     /// Gets a server for the client's next message and relays until the transaction ends.
     /// `Ok(true)` when the client goes on.
-    async fn next_transaction(&mut self, stream: &mut TcpStream) -> Result<bool, ClientError> {
+    async fn next_transaction(&mut self, stream: &mut Stream) -> Result<bool, ClientError> {
         loop {
             // One load for the kill switch; the rest only runs while a switch is on.
             let position = self.pool.switch.position();
@@ -532,7 +579,7 @@ impl Session {
     /// What the kill switch (or a reload) says about the next transaction.
     async fn switched(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         position: crate::switch::Position,
     ) -> Result<Switched, ClientError> {
         if self.pool.is_retired() {
@@ -561,7 +608,7 @@ impl Session {
     /// SHED: the client's next request fails at once with ERROR 53300, without a server, as
     /// PostgreSQL fails a request: everything up to its Sync is skipped, then ReadyForQuery.
     /// `Ok(true)` when the client goes on.
-    async fn shed(&mut self, stream: &mut TcpStream) -> Result<bool, ClientError> {
+    async fn shed(&mut self, stream: &mut Stream) -> Result<bool, ClientError> {
         let max = self.config.floodgate.max_packet_size;
         let mut told = false;
         // Bytes of the current message still to skip (large ones are not buffered whole).
@@ -626,7 +673,7 @@ impl Session {
     /// Reads and drops `n` bytes from the client. `Ok(false)` if it leaves first.
     async fn skip_bytes(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         mut n: usize,
     ) -> Result<bool, ClientError> {
         while n > 0 {
@@ -642,7 +689,7 @@ impl Session {
 
     /// Reads until a whole message header is buffered. Terminate or end of stream: `Gone`.
     /// With nothing buffered it waits for the socket without holding a buffer.
-    async fn wait_for_message(&mut self, stream: &mut TcpStream) -> Result<Idle, ClientError> {
+    async fn wait_for_message(&mut self, stream: &mut Stream) -> Result<Idle, ClientError> {
         loop {
             match frame::header(&self.cbuf, self.config.floodgate.max_packet_size) {
                 Ok(Some((b'X', _))) => return Ok(Idle::Gone),
@@ -669,7 +716,7 @@ impl Session {
     /// statements are checked by PostgreSQL at once, as the client expects.
     async fn prepared_without_server(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
     ) -> Result<bool, ClientError> {
         let g = &self.config.floodgate;
         if self.pool.mode != PoolMode::Transaction || g.max_prepared_statements == 0 {
@@ -691,7 +738,7 @@ impl Session {
     }
 
     /// Waits in the pool's queue; notices a client that leaves meanwhile (`None`).
-    async fn checkout(&mut self, stream: &mut TcpStream) -> Result<Option<Server>, ClientError> {
+    async fn checkout(&mut self, stream: &mut Stream) -> Result<Option<Server>, ClientError> {
         // Boxed: waiting in the queue is the uncommon path, and its future is large.
         let pool = self.pool.clone();
         let checkout = Box::pin(async move { pool.checkout().await });
@@ -704,7 +751,7 @@ impl Session {
     /// Waits for `wait` while noticing a client that leaves meanwhile (`None`).
     async fn wait_watching<F: std::future::Future>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         wait: F,
     ) -> Result<Option<F::Output>, ClientError> {
         let mut wait = std::pin::pin!(wait);
@@ -729,7 +776,7 @@ impl Session {
     /// `Ok(true)` when the client goes on.
     async fn transaction(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         server: Server,
         waited_us: u64,
     ) -> Result<bool, ClientError> {
@@ -758,7 +805,7 @@ impl Session {
     /// The attachment itself; the server is in `held` (taken out when handed on).
     async fn attached(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         held: &mut Held,
         stats: &mut TxStats,
     ) -> Result<bool, ClientError> {
@@ -986,7 +1033,7 @@ impl Drop for Held {
 
 /// Waits for the client's socket and reads what it sent, without a full-size buffer: an idle or
 /// queued client holds only its own bytes. `Ok(0)` at the end of the stream.
-async fn read_small(stream: &mut TcpStream, cbuf: &mut BytesMut) -> Result<usize, ClientError> {
+async fn read_small(stream: &mut Stream, cbuf: &mut BytesMut) -> Result<usize, ClientError> {
     let read = std::future::poll_fn(|cx| crate::buffers::poll_read_small(stream, cx, cbuf));
     Ok(read.await?)
 }

@@ -35,6 +35,9 @@ pub struct Config {
     /// `hba_file`, parsed.
     #[serde(skip)]
     pub hba: Option<std::sync::Arc<crate::auth::hba::Hba>>,
+    /// The `*_tls_*` settings with their certificates read.
+    #[serde(skip)]
+    pub tls: crate::tls::Tls,
     /// Global settings (`[floodgate]`).
     #[serde(default)]
     pub floodgate: General,
@@ -173,6 +176,23 @@ pub struct General {
     pub auth_query: Option<String>,
     /// The database the lookup runs in (default: the one the client asked for).
     pub auth_dbname: Option<String>,
+    /// TLS with clients: disable, allow, prefer, require, verify-ca, verify-full.
+    pub client_tls_sslmode: crate::tls::SslMode,
+    pub client_tls_cert_file: Option<std::path::PathBuf>,
+    pub client_tls_key_file: Option<std::path::PathBuf>,
+    /// The CA client certificates must be signed by (verify-ca, verify-full).
+    pub client_tls_ca_file: Option<std::path::PathBuf>,
+    pub client_tls_protocols: String,
+    pub client_tls_ciphers: String,
+    /// TLS with servers (default prefer: TLS when the server offers it).
+    pub server_tls_sslmode: crate::tls::SslMode,
+    /// The CA server certificates must be signed by (verify-ca, verify-full).
+    pub server_tls_ca_file: Option<std::path::PathBuf>,
+    /// A client certificate to present to servers.
+    pub server_tls_cert_file: Option<std::path::PathBuf>,
+    pub server_tls_key_file: Option<std::path::PathBuf>,
+    pub server_tls_protocols: String,
+    pub server_tls_ciphers: String,
 }
 
 /// `[floodgate]` keys a reload or SET cannot change: they keep their value until a restart.
@@ -257,6 +277,18 @@ impl Default for General {
             auth_user: None,
             auth_query: None,
             auth_dbname: None,
+            client_tls_sslmode: crate::tls::SslMode::Disable,
+            client_tls_cert_file: None,
+            client_tls_key_file: None,
+            client_tls_ca_file: None,
+            client_tls_protocols: "secure".into(),
+            client_tls_ciphers: "default".into(),
+            server_tls_sslmode: crate::tls::SslMode::Prefer,
+            server_tls_ca_file: None,
+            server_tls_cert_file: None,
+            server_tls_key_file: None,
+            server_tls_protocols: "secure".into(),
+            server_tls_ciphers: "default".into(),
         }
     }
 }
@@ -392,7 +424,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads `auth_file` (its users join `[[users]]`, which win) and `hba_file`.
+    /// Reads `auth_file` (its users join `[[users]]`, which win), `hba_file` and the TLS
+    /// certificates.
     fn read_files(&mut self) -> Result<(), ConfigError> {
         let read = |key: &str, path: &Path| {
             std::fs::read_to_string(path).map_err(|e| {
@@ -420,6 +453,8 @@ impl Config {
             })?;
             self.hba = Some(std::sync::Arc::new(hba));
         }
+        self.tls = crate::tls::load(&self.floodgate)
+            .map_err(|e| ConfigError::Invalid(format!("[floodgate] {e}")))?;
         Ok(())
     }
 

@@ -26,6 +26,8 @@ pub enum UpstreamError {
          or store the user's password in plain text (md5 and SCRAM hashes cannot answer SCRAM)"
     )]
     NoPassword { user: String, db: String },
+    #[error("TLS with upstream server {addr}: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("upstream server {addr} broke the protocol: {detail}")]
     Protocol { addr: String, detail: String },
     #[error(

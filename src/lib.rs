@@ -39,7 +39,9 @@ pub mod sessions;
 pub mod shared;
 pub mod signals;
 pub mod stats;
+pub mod stream;
 pub mod switch;
+pub mod tls;
 
 pub use error::Error;
 pub use proxy::Proxy;

@@ -90,6 +90,11 @@ pub struct ClusterOptions {
     pub max_connections: u32,
     /// Lines appended to `postgresql.conf` as they are, e.g. `"log_connections = on"`.
     pub extra_conf: Vec<String>,
+    /// Files written into the data directory before the server starts, readable by the server
+    /// only (mode 0600, its owner): certificates and keys for `ssl = on`, say.
+    pub data_files: Vec<(String, Vec<u8>)>,
+    /// Only TLS connections over TCP (`hostssl` in pg_hba.conf instead of `host`).
+    pub tls_only: bool,
 }
 
 impl Default for ClusterOptions {
@@ -98,6 +103,8 @@ impl Default for ClusterOptions {
             auth: HbaAuth::ScramSha256,
             max_connections: 100,
             extra_conf: Vec::new(),
+            data_files: Vec::new(),
+            tls_only: false,
         }
     }
 }
@@ -165,10 +172,21 @@ impl PgCluster {
         let data = cluster.data_dir();
         let initdb = "-U postgres --auth=trust -E UTF8 --no-sync --locale=C -D";
         cluster.run("initdb", initdb, &[data.as_os_str()])?;
+        let host = if opts.tls_only { "hostssl" } else { "host" };
         let hba = format!(
-            "local all all trust\nhost all all 127.0.0.1/32 {}\n",
+            "local all all trust\n{host} all all 127.0.0.1/32 {}\n",
             opts.auth.method()
         );
+        for (name, content) in &opts.data_files {
+            let path = data.join(name);
+            fs::write(&path, content).map_err(io("writing a file into the data directory"))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(io("setting permissions of a data file"))?;
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(io("giving a data file to the postgres user"))?;
+            }
+        }
         fs::write(data.join("pg_hba.conf"), hba).map_err(io("writing pg_hba.conf"))?;
         let conf = data.join("postgresql.conf");
         let mut main_conf = fs::read_to_string(&conf).map_err(io("reading postgresql.conf"))?;

@@ -188,7 +188,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 const FAST_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Counts the client against `max_client_conn` and its IP's limits, then serves it.
-async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
+async fn admit(stream: TcpStream, shared: Arc<Shared>) {
     let ip = match stream.peer_addr() {
         Ok(addr) => addr.ip(),
         Err(_) => return,
@@ -204,7 +204,7 @@ async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
             telemetry.refused.with_label_values(&[e.setting()]).inc();
             telemetry.error(sqlstate::TOO_MANY_CONNECTIONS);
             let message = e.to_string();
-            let refusal = refuse(&mut stream, &shared, &message);
+            let refusal = refuse(stream, &shared, &message);
             let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
             return;
         }
@@ -215,35 +215,29 @@ async fn admit(mut stream: TcpStream, shared: Arc<Shared>) {
 /// How long a refused client has to send its StartupMessage before it is simply closed.
 const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Tells a client over a limit why, the way PostgreSQL does: after its StartupMessage (an
-/// SSLRequest or GSSENCRequest first is answered `N`), so libpq shows the 53300 and its
-/// message instead of "error during SSL exchange". A CancelRequest is still carried out.
-async fn refuse(stream: &mut TcpStream, shared: &Shared, message: &str) {
-    use crate::protocol::startup::{StartupPacket, read_startup};
-    loop {
-        match read_startup(stream).await {
-            Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
-                if stream.write_all(b"N").await.is_err() {
-                    return;
-                }
+/// Tells a client over a limit why, the way PostgreSQL does: after its StartupMessage (TLS
+/// negotiated first as for any client), so libpq shows the 53300 and its message instead of
+/// "error during SSL exchange". A CancelRequest is still carried out.
+async fn refuse(tcp: TcpStream, shared: &Shared, message: &str) {
+    use crate::protocol::startup::StartupPacket;
+    let config = shared.config();
+    let opened = crate::tls::accept::open(tcp, &config.tls).await;
+    let Some(mut stream) = opened.stream else {
+        return;
+    };
+    match opened.first {
+        Ok(StartupPacket::Cancel { pid, secret }) => {
+            if let Some(target) = shared.cancels.target(pid, secret) {
+                shared.stats.telemetry.cancels.inc();
+                let _ = target.send().await;
             }
-            Ok(Some(StartupPacket::Cancel { pid, secret })) => {
-                if let Some(target) = shared.cancels.target(pid, secret) {
-                    shared.stats.telemetry.cancels.inc();
-                    let _ = target.send().await;
-                }
-                return;
-            }
-            Ok(Some(StartupPacket::Startup { .. })) => break,
-            Ok(None) | Err(_) => return,
         }
+        Ok(StartupPacket::Startup { .. }) => {
+            let mut buf = BytesMut::new();
+            let code = sqlstate::TOO_MANY_CONNECTIONS;
+            backend::error(&mut buf, Severity::Fatal, code, message);
+            let _ = stream.write_all(&buf).await;
+        }
+        Ok(_) | Err(_) => {}
     }
-    let mut buf = BytesMut::new();
-    backend::error(
-        &mut buf,
-        Severity::Fatal,
-        sqlstate::TOO_MANY_CONNECTIONS,
-        message,
-    );
-    let _ = stream.write_all(&buf).await;
 }

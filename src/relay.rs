@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::pin::Pin;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use std::task::Poll;
+use tokio::io::AsyncWriteExt;
 
 use tokio::time::{Instant, Sleep};
 
@@ -17,6 +18,7 @@ use crate::params::Params;
 use crate::protocol::frame::{FrameError, HEADER_LEN, Item, Scanner};
 use crate::protocol::pipeline::{ClientAction, ServerAction, Tracker};
 use crate::stats::TxStats;
+use crate::stream::{self, Stream};
 
 /// Largest server message the relay holds whole (ErrorResponse, ParameterStatus).
 const MAX_HELD_SERVER_MESSAGE: usize = 1 << 20;
@@ -118,8 +120,8 @@ pub fn is_frontend_message(tag: u8) -> bool {
 
 /// One attachment of a client to a server.
 pub struct Relay<'a> {
-    pub client: &'a mut TcpStream,
-    pub server: &'a mut TcpStream,
+    pub client: &'a mut Stream,
+    pub server: &'a mut Stream,
     /// Bytes from the client; `[..c_ready]` are scanned and go to the server next.
     pub cbuf: &'a mut BytesMut,
     /// Bytes from the server; `[..s_ready]` are scanned and go to the client next.
@@ -411,34 +413,37 @@ impl Relay<'_> {
             let client_may_send = !up.waiting
                 && tracker.in_flight() < MAX_IN_FLIGHT
                 && sbuf.len() <= MAX_OWED_TO_CLIENT;
-            let (mut cr, mut cw) = client.split();
-            let (mut sr, mut sw) = server.split();
-            let c2s = async {
-                if up.ready > 0 {
-                    Event::ToServer(sw.write(&cbuf[..up.ready]).await)
-                } else if !client_may_send {
-                    std::future::pending().await
-                } else {
-                    crate::buffers::fill(cbuf);
-                    Event::FromClient(cr.read_buf(cbuf).await)
-                }
-            };
-            let s2c = async {
+            // Both directions and the timer in one poll, server-to-client first: one wake-up
+            // serves whatever is ready, and no stream is split (TLS streams cannot be).
+            event = std::future::poll_fn(|cx| {
                 if down.ready > 0 {
-                    Event::ToClient(cw.write(&sbuf[..down.ready]).await)
+                    if let Poll::Ready(r) = stream::poll_write(client, cx, &sbuf[..down.ready]) {
+                        return Poll::Ready(Event::ToClient(r));
+                    }
                 } else {
                     crate::buffers::fill(sbuf);
-                    Event::FromServer(sr.read_buf(sbuf).await)
+                    if let Poll::Ready(r) = stream::poll_read_buf(server, cx, sbuf) {
+                        return Poll::Ready(Event::FromServer(r));
+                    }
                 }
-            };
-            event = tokio::select! {
-                biased;
-                e = s2c => e,
-                e = c2s => e,
-                _ = async { if let Some(t) = timer.as_mut() { t.await } }, if armed.is_some() => {
-                    Event::Timer
+                if up.ready > 0 {
+                    if let Poll::Ready(r) = stream::poll_write(server, cx, &cbuf[..up.ready]) {
+                        return Poll::Ready(Event::ToServer(r));
+                    }
+                } else if client_may_send {
+                    crate::buffers::fill(cbuf);
+                    if let Poll::Ready(r) = stream::poll_read_buf(client, cx, cbuf) {
+                        return Poll::Ready(Event::FromClient(r));
+                    }
                 }
-            };
+                if let Some(t) = timer.as_mut().filter(|_| armed.is_some())
+                    && t.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
         }
     }
 }

@@ -41,7 +41,7 @@ impl CancelTarget {
 
 /// A logged-in server connection.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: crate::stream::Stream,
     /// The session parameters this server has now (tracked names only).
     pub params: Params,
     pub cancel: CancelTarget,
@@ -95,7 +95,7 @@ impl ServerConn {
         names: Names,
     ) -> Result<(ServerConn, Vec<(String, String)>), UpstreamError> {
         let attempt = async {
-            let mut stream =
+            let stream =
                 TcpStream::connect(&login.addr)
                     .await
                     .map_err(|source| UpstreamError::Connect {
@@ -103,8 +103,9 @@ impl ServerConn {
                         source,
                     })?;
             stream.set_nodelay(true)?;
-            let done = upstream::login(&mut stream, login).await?;
             let addr = stream.peer_addr()?;
+            let mut stream = crate::tls::connect::negotiate(stream, &login.tls, &login.addr).await?;
+            let done = upstream::login(&mut stream, login).await?;
             Ok::<_, UpstreamError>((stream, done, addr))
         };
         let (stream, done, addr) = match tokio::time::timeout(timeout, attempt).await {
@@ -143,22 +144,9 @@ impl ServerConn {
     }
 
     /// False when an idle server has closed or sent something unasked (a FATAL before closing,
-    /// say): either way it cannot be used. Costs no round trip, and usually no system call: the
-    /// runtime already knows from epoll whether the socket has become readable since our last
-    /// read drained it; only then is it probed.
+    /// say): either way it cannot be used. Costs no round trip ([`crate::stream::Stream::is_usable`]).
     pub fn is_usable(&self) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            std::task::Poll::Pending => true,
-            std::task::Poll::Ready(Err(_)) => false,
-            std::task::Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                match self.stream.try_read(&mut probe) {
-                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-                    Ok(_) => false,
-                }
-            }
-        }
+        self.stream.is_usable()
     }
 
     /// Makes this server's session parameters match `wanted`, in one round trip, only for those

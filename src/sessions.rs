@@ -94,6 +94,8 @@ pub struct ClientInfo {
     pub addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub application_name: String,
+    /// Its TLS protocol and cipher suite; empty for plain text.
+    pub tls: String,
     pub connect_time: SystemTime,
     state: AtomicU8,
     /// When the current state began ([`now_us`]); for a waiting client, when it started waiting.
@@ -148,6 +150,8 @@ pub struct ServerInfo {
     pub addr: String,
     pub local_addr: Option<SocketAddr>,
     pub remote_pid: i32,
+    /// Its TLS protocol and cipher suite; empty for plain text.
+    pub tls: String,
     pub connect_time: SystemTime,
     state: AtomicU8,
     pub request_time: AtomicU64,
@@ -178,6 +182,7 @@ pub struct NewClient {
     pub addr: SocketAddr,
     pub local_addr: SocketAddr,
     pub application_name: String,
+    pub tls: String,
 }
 
 /// What a new server registration describes.
@@ -187,6 +192,7 @@ pub struct NewServer {
     pub addr: String,
     pub local_addr: Option<SocketAddr>,
     pub remote_pid: i32,
+    pub tls: String,
 }
 
 /// Every client and server connection, by id. Entries leave when their handle drops.
@@ -244,6 +250,7 @@ impl Sessions {
             addr: new.addr,
             local_addr: new.local_addr,
             application_name: new.application_name,
+            tls: new.tls,
             connect_time: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
             since: AtomicU64::new(now),
@@ -269,6 +276,7 @@ impl Sessions {
             addr: new.addr,
             local_addr: new.local_addr,
             remote_pid: new.remote_pid,
+            tls: new.tls,
             connect_time: SystemTime::now(),
             state: AtomicU8::new(ServerState::Idle as u8),
             request_time: AtomicU64::new(now_us()),

@@ -8,6 +8,7 @@ fn cluster_starts_runs_sql_stops_restarts_and_cleans_up() {
         auth: HbaAuth::Md5,
         max_connections: 20,
         extra_conf: vec!["application_name = 'cluster_test'".into()],
+        ..ClusterOptions::default()
     })
     .expect("start cluster");
     assert_eq!(cluster.host(), "127.0.0.1");

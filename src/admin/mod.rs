@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::stream::Stream;
 
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frame::{self, HEADER_LEN};
@@ -74,7 +74,7 @@ fn refusal(code: &'static str, message: impl Into<String>) -> Refusal {
 
 /// Serves a logged-in console user until it leaves. `greeting` holds what follows
 /// authentication (AuthenticationOk first).
-pub async fn serve(stream: &mut TcpStream, shared: Arc<Shared>, user: &str, role: Role) {
+pub async fn serve(stream: &mut Stream, shared: Arc<Shared>, user: &str, role: Role) {
     let mut out = BytesMut::new();
     backend::auth_ok(&mut out);
     let version = format!("{}/floodgate", env!("CARGO_PKG_VERSION"));
@@ -170,7 +170,7 @@ pub async fn serve(stream: &mut TcpStream, shared: Arc<Shared>, user: &str, role
 }
 
 /// One message: `None` at the end of the stream.
-async fn read_message(stream: &mut TcpStream) -> Result<Option<(u8, Vec<u8>)>, String> {
+async fn read_message(stream: &mut Stream) -> Result<Option<(u8, Vec<u8>)>, String> {
     let mut head = [0u8; HEADER_LEN];
     match stream.read_exact(&mut head).await {
         Ok(_) => {}

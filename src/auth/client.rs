@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use crate::stream::Stream;
 
 use crate::client::ClientError;
 use crate::config::AuthType;
@@ -17,7 +17,7 @@ const MAX_LOGIN_MESSAGE: usize = 10 * 1024;
 /// Checks the client's password as `auth_type` says. Unknown users go through the same exchange
 /// and get the same answer as a wrong password.
 pub async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Shared,
     user: &str,
     auth_type: AuthType,
@@ -93,7 +93,7 @@ pub async fn authenticate(
 
 /// Reads a PasswordMessage ('p': password, SASLInitialResponse or SASLResponse) body.
 async fn read_password_message(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<BytesMut, ClientError> {
     match frame::read_message(stream, buf, MAX_LOGIN_MESSAGE).await? {

@@ -8,7 +8,6 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::error::UpstreamError;
 
@@ -24,6 +23,8 @@ pub struct Login {
     pub db_key: String,
     /// With no plain-text password, SCRAM uses the key learned from the user's own login.
     pub learned_keys: Option<std::sync::Arc<crate::auth::scram::LearnedKeys>>,
+    /// `server_tls_sslmode` and the TLS client to use.
+    pub tls: crate::tls::Upstream,
 }
 
 /// What the server told us during login.
@@ -34,7 +35,7 @@ pub struct LoggedIn {
 }
 
 /// Runs the login on a connected socket.
-pub async fn login(stream: &mut TcpStream, login: &Login) -> Result<LoggedIn, UpstreamError> {
+pub async fn login(stream: &mut crate::stream::Stream, login: &Login) -> Result<LoggedIn, UpstreamError> {
     let mut out = BytesMut::new();
     let params = [
         ("user", login.user.as_str()),
@@ -158,7 +159,7 @@ pub async fn login(stream: &mut TcpStream, login: &Login) -> Result<LoggedIn, Up
 
 /// Reads the next whole server message.
 async fn next(
-    stream: &mut TcpStream,
+    stream: &mut crate::stream::Stream,
     inbuf: &mut BytesMut,
     login: &Login,
 ) -> Result<Message, UpstreamError> {

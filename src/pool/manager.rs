@@ -164,8 +164,9 @@ impl Manager {
             database: self.login.db_key.clone(),
             user: self.login.user.clone(),
             addr: self.login.addr.clone(),
-            local_addr: server.stream.local_addr().ok(),
+            local_addr: server.stream.tcp().local_addr().ok(),
             remote_pid: server.cancel.pid,
+            tls: server.stream.tls_description(),
         }));
         *self.failures.lock().unwrap_or_else(|e| e.into_inner()) = None;
         server.lifetime = self.lifetime.mul_f64(0.9 + rand::random::<f64>() / 10.0);

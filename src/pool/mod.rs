@@ -105,6 +105,8 @@ struct PoolSpec {
     lifetime: Duration,
     login_retry: Duration,
     idle_timeout: Duration,
+    /// Server TLS: a change (settings or certificate files) replaces the pool.
+    tls: crate::tls::Upstream,
 }
 
 /// What a reload may change in place.
@@ -418,6 +420,7 @@ fn spec_for(
         lifetime: g.server_lifetime,
         login_retry: g.server_login_retry,
         idle_timeout: g.server_idle_timeout,
+        tls: config.tls.servers.clone(),
     };
     let live = LiveSettings {
         size,
@@ -515,6 +518,7 @@ impl Pools {
             password: spec.password.clone(),
             db_key: db.to_owned(),
             learned_keys: Some(self.learned_keys.clone()),
+            tls: spec.tls.clone(),
         };
         let generation = Arc::new(AtomicU64::new(0));
         let stats = self.stats.pool(db, &upstream_user);
