@@ -270,7 +270,11 @@ fn auth_type_for(
     let Some(hba) = &config.hba else {
         return Ok(config.floodgate.auth_type);
     };
-    let encryption = if tls { "SSL encryption" } else { "no encryption" };
+    let encryption = if tls {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    };
     match hba.decide(ip, tls, database, user) {
         Decision::Allow(auth_type, _) => Ok(auth_type),
         Decision::Reject(line) => Err(ClientError::HbaRejected(format!(
@@ -671,11 +675,7 @@ impl Session {
     }
 
     /// Reads and drops `n` bytes from the client. `Ok(false)` if it leaves first.
-    async fn skip_bytes(
-        &mut self,
-        stream: &mut Stream,
-        mut n: usize,
-    ) -> Result<bool, ClientError> {
+    async fn skip_bytes(&mut self, stream: &mut Stream, mut n: usize) -> Result<bool, ClientError> {
         while n > 0 {
             if self.cbuf.is_empty() && read_small(stream, &mut self.cbuf).await? == 0 {
                 return Ok(false);
@@ -714,10 +714,7 @@ impl Session {
     /// Answers a batch of Parse messages and a Sync without a server, when statements are
     /// tracked; `true` when it did. Only used when every server is busy: with a server, the
     /// statements are checked by PostgreSQL at once, as the client expects.
-    async fn prepared_without_server(
-        &mut self,
-        stream: &mut Stream,
-    ) -> Result<bool, ClientError> {
+    async fn prepared_without_server(&mut self, stream: &mut Stream) -> Result<bool, ClientError> {
         let g = &self.config.floodgate;
         if self.pool.mode != PoolMode::Transaction || g.max_prepared_statements == 0 {
             return Ok(false);

@@ -104,7 +104,8 @@ impl ServerConn {
                     })?;
             stream.set_nodelay(true)?;
             let addr = stream.peer_addr()?;
-            let mut stream = crate::tls::connect::negotiate(stream, &login.tls, &login.addr).await?;
+            let mut stream =
+                crate::tls::connect::negotiate(stream, &login.tls, &login.addr).await?;
             let done = upstream::login(&mut stream, login).await?;
             Ok::<_, UpstreamError>((stream, done, addr))
         };

@@ -187,6 +187,10 @@ pub fn poll_read_buf(
 }
 
 /// Writes `buf` (or its front) to the stream.
-pub fn poll_write(stream: &mut Stream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+pub fn poll_write(
+    stream: &mut Stream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
     Pin::new(stream).poll_write(cx, buf)
 }

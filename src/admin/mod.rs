@@ -8,9 +8,9 @@ pub mod table;
 
 use std::sync::Arc;
 
+use crate::stream::Stream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use crate::stream::Stream;
 
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::frame::{self, HEADER_LEN};

@@ -1,9 +1,9 @@
 //! Clients logging in to the proxy: trust, md5 or SCRAM-SHA-256 against `[[users]]`. Unknown
 //! users go through the same exchange as known ones and get the same answer as a wrong password.
 
+use crate::stream::Stream;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use crate::stream::Stream;
 
 use crate::client::ClientError;
 use crate::config::AuthType;

@@ -35,7 +35,10 @@ pub struct LoggedIn {
 }
 
 /// Runs the login on a connected socket.
-pub async fn login(stream: &mut crate::stream::Stream, login: &Login) -> Result<LoggedIn, UpstreamError> {
+pub async fn login(
+    stream: &mut crate::stream::Stream,
+    login: &Login,
+) -> Result<LoggedIn, UpstreamError> {
     let mut out = BytesMut::new();
     let params = [
         ("user", login.user.as_str()),

@@ -17,7 +17,11 @@ pub async fn negotiate(
     tls: &Upstream,
     addr: &str,
 ) -> Result<Stream, UpstreamError> {
-    let Some(connector) = tls.connector.as_ref().filter(|_| tls.mode != SslMode::Disable) else {
+    let Some(connector) = tls
+        .connector
+        .as_ref()
+        .filter(|_| tls.mode != SslMode::Disable)
+    else {
         return Ok(Stream::Plain(tcp));
     };
     let failed = |reason: String| UpstreamError::Tls {

@@ -174,13 +174,12 @@ fn client_side(
     } else {
         builder.with_no_client_auth()
     };
-    let mut config =
-        builder
-            .with_single_cert(chain, key)
-            .map_err(|reason| TlsError::Rustls {
-                key: "client_tls_key_file",
-                reason,
-            })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|reason| TlsError::Rustls {
+            key: "client_tls_key_file",
+            reason,
+        })?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -209,12 +208,10 @@ fn upstream_side(g: &General, provider: &Arc<CryptoProvider>) -> Result<Upstream
         };
         read("server_tls_ca_file", ca)?.hash(&mut digest);
         let roots = roots("server_tls_ca_file", ca)?;
-        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            roots,
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| TlsError::Setting(format!("server_tls_ca_file: {e}")))?;
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| TlsError::Setting(format!("server_tls_ca_file: {e}")))?;
         Arc::new(verify::Chain {
             webpki,
             check_name: mode == SslMode::VerifyFull,
@@ -296,7 +293,9 @@ fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>,
 fn roots(key: &'static str, path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for cert in certificates(key, path)? {
-        store.add(cert).map_err(|reason| TlsError::Rustls { key, reason })?;
+        store
+            .add(cert)
+            .map_err(|reason| TlsError::Rustls { key, reason })?;
     }
     Ok(Arc::new(store))
 }
@@ -403,7 +402,10 @@ mod tests {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let all = provider.cipher_suites.len();
         assert_eq!(
-            restricted(&provider, "k", "default").unwrap().cipher_suites.len(),
+            restricted(&provider, "k", "default")
+                .unwrap()
+                .cipher_suites
+                .len(),
             all
         );
         assert_eq!(
