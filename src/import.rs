@@ -197,6 +197,18 @@ const SAME: &[(&str, &str, Kind)] = &[
     ("auth_query", "auth_query", Kind::Text),
     ("auth_user", "auth_user", Kind::Text),
     ("auth_dbname", "auth_dbname", Kind::Text),
+    ("client_tls_sslmode", "client_tls_sslmode", Kind::Text),
+    ("client_tls_cert_file", "client_tls_cert_file", Kind::Text),
+    ("client_tls_key_file", "client_tls_key_file", Kind::Text),
+    ("client_tls_ca_file", "client_tls_ca_file", Kind::Text),
+    ("client_tls_protocols", "client_tls_protocols", Kind::Text),
+    ("client_tls_ciphers", "client_tls_ciphers", Kind::Text),
+    ("server_tls_sslmode", "server_tls_sslmode", Kind::Text),
+    ("server_tls_ca_file", "server_tls_ca_file", Kind::Text),
+    ("server_tls_cert_file", "server_tls_cert_file", Kind::Text),
+    ("server_tls_key_file", "server_tls_key_file", Kind::Text),
+    ("server_tls_protocols", "server_tls_protocols", Kind::Text),
+    ("server_tls_ciphers", "server_tls_ciphers", Kind::Text),
 ];
 
 #[derive(Clone, Copy)]
@@ -220,7 +232,7 @@ fn why_not(key: &str) -> &'static str {
             "Floodgate listens on TCP only"
         }
         k if k.starts_with("client_tls_") || k.starts_with("server_tls_") => {
-            "TLS is not supported yet"
+            "rustls chooses key-exchange groups itself (no ECDH curve or DH parameters to set)"
         }
         k if k.starts_with("tcp_") || k == "so_reuseport" => {
             "the kernel's socket defaults are used"

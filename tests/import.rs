@@ -18,14 +18,23 @@ fn a_pgbouncer_ini_becomes_an_equivalent_floodgate_toml() {
     let ini = dir.path().join("pgbouncer.ini");
     let more = dir.path().join("databases.ini");
     let users = dir.path().join("userlist.txt");
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
     std::fs::write(
         &ini,
-        "; main file\n[pgbouncer]\nlisten_addr = *\nlisten_port = 6543\n# comment\n\
+        format!(
+            "; main file\n[pgbouncer]\nlisten_addr = *\nlisten_port = 6543\n# comment\n\
          auth_type = scram-sha-256\npool_mode = transaction\ndefault_pool_size = 25\n\
          reserve_pool_size = 5\nreserve_pool_timeout = 2.5\nmax_client_conn = 5000\n\
          query_wait_timeout = 60\nserver_lifetime = 1800\nadmin_users = ops, admin\n\
          ignore_startup_parameters = extra_float_digits,options\nlogfile = /var/log/pgbouncer.log\n\
-         client_tls_sslmode = require\n%include databases.ini\n",
+         client_tls_sslmode = require\nclient_tls_key_file = {key}\n\
+         client_tls_cert_file = {cert}\nclient_tls_ecdhcurve = auto\n%include databases.ini\n",
+            key = key.display(),
+            cert = cert.display(),
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -73,13 +82,15 @@ fn a_pgbouncer_ini_becomes_an_equivalent_floodgate_toml() {
     assert_eq!(config.users.len(), 2);
     assert!(config.user("ops").is_some());
     // What could not be mapped is listed, with why.
-    for expected in ["[databases] *", "logfile", "client_tls_sslmode"] {
+    assert_eq!(g.client_tls_sslmode, floodgate::tls::SslMode::Require);
+    assert_eq!(g.client_tls_key_file.as_deref(), Some(key.as_path()));
+    for expected in ["[databases] *", "logfile", "client_tls_ecdhcurve"] {
         assert!(
             stderr.contains(expected),
             "{expected} not listed:\n{stderr}"
         );
     }
-    assert!(stderr.contains("TLS is not supported yet"), "{stderr}");
+    assert!(stderr.contains("key-exchange groups"), "{stderr}");
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct LoggedIn {
     pub secret: i32,
 }
 
+/// Most ParameterStatus messages a login may carry.
+const MAX_LOGIN_PARAMETERS: usize = 256;
+
 /// Runs the login on a connected socket.
 pub async fn login(
     stream: &mut crate::stream::Stream,
@@ -141,6 +144,13 @@ pub async fn login(
             Message::AuthenticationSspi => return Err(unsupported(login, "SSPI")),
             Message::AuthenticationScmCredential => return Err(unsupported(login, "SCM")),
             Message::ParameterStatus(body) => {
+                // PostgreSQL reports about fifteen; a server sending without end is hostile.
+                if done.params.len() >= MAX_LOGIN_PARAMETERS {
+                    return Err(protocol(
+                        login,
+                        "too many ParameterStatus messages at login",
+                    ));
+                }
                 let name = body.name().map_err(|e| protocol(login, e))?;
                 let value = body.value().map_err(|e| protocol(login, e))?;
                 done.params.push((name.to_owned(), value.to_owned()));
