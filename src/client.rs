@@ -157,13 +157,17 @@ pub async fn serve(tcp: TcpStream, shared: Arc<Shared>) {
     let timeout = shared.config().floodgate.client_login_timeout;
     let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
     let config = shared.config();
-    let opening = Box::pin(crate::tls::accept::open(tcp, &config.tls));
+    // The handshake is bounded too: a client that stalls inside it is dropped.
+    let opening = Box::pin(crate::tls::accept::open(tcp, &config.tls, deadline));
     let opened = match deadline {
         None => opening.await,
-        Some(at) => match tokio::time::timeout_at(at, opening).await {
-            Ok(opened) => opened,
-            Err(_) => return,
-        },
+        Some(at) => {
+            let grace = at + std::time::Duration::from_secs(1);
+            match tokio::time::timeout_at(grace, opening).await {
+                Ok(opened) => opened,
+                Err(_) => return,
+            }
+        }
     };
     drop(config);
     let Some(mut stream) = opened.stream else {

@@ -221,7 +221,7 @@ const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 async fn refuse(tcp: TcpStream, shared: &Shared, message: &str) {
     use crate::protocol::startup::StartupPacket;
     let config = shared.config();
-    let opened = crate::tls::accept::open(tcp, &config.tls).await;
+    let opened = crate::tls::accept::open(tcp, &config.tls, None).await;
     let Some(mut stream) = opened.stream else {
         return;
     };

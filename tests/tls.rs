@@ -501,3 +501,33 @@ async fn upstream_require_never_falls_back_to_plain_text() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_and_requests_over_tls_on_both_sides() {
+    let (files, ca) = (Files::new(), Ca::new("test CA"));
+    let cluster = tls_cluster(&ca, true).await;
+    let mut extra = client_tls(&files, &ca, "require");
+    extra.push("server_tls_sslmode = \"verify-ca\"".into());
+    extra.push(format!("server_tls_ca_file = \"{}\"", files.path("ca.crt")));
+    let env = proxy_to(&cluster, "127.0.0.1", extra).await;
+    let ca_file = PathBuf::from(files.path("ca.crt"));
+    let session = direct_session(&env, &ca_file, Some(b"postgresql"))
+        .await
+        .unwrap();
+    // About 20 MB down: many TLS records, socket buffers full on the way.
+    let rows = session
+        .simple_query("SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+        .await
+        .unwrap();
+    let data_rows = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(data_rows, 20000);
+    // 8 MB up, in one query.
+    let literal = "y".repeat(8 << 20);
+    let sql = format!("SELECT length('{literal}')");
+    assert_eq!(scalar(&session, &sql).await, (8 << 20).to_string());
+    let sql = "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert_eq!(scalar(&session, sql).await, "true");
+}

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::{ALPN_POSTGRESQL, Tls};
 use crate::client::ClientError;
@@ -25,25 +26,29 @@ pub struct Opened {
 }
 
 /// Reads startup packets and negotiates TLS as configured, up to the StartupMessage or
-/// CancelRequest. `require` is not enforced here (a CancelRequest may come in plain text).
-pub async fn open(mut tcp: TcpStream, tls: &Tls) -> Opened {
+/// CancelRequest, by `deadline` (`client_login_timeout`; a client silent until then gets
+/// FATAL in plain text). `require` is not enforced here (a CancelRequest may come in plain
+/// text).
+pub async fn open(mut tcp: TcpStream, tls: &Tls, deadline: Option<Instant>) -> Opened {
     let closed = |e| Opened {
         stream: None,
         first: Err(e),
     };
     let mut first = [0u8; 1];
-    match tcp.peek(&mut first).await {
-        Ok(1..) => {}
-        _ => return closed(ClientError::Gone),
+    match by(deadline, tcp.peek(&mut first)).await {
+        Some(Ok(1..)) => {}
+        Some(_) => return closed(ClientError::Gone),
+        None => return plain(tcp, Err(ClientError::LoginTimeout)),
     }
     if first[0] == TLS_HANDSHAKE {
-        return direct(tcp, tls).await;
+        return direct(tcp, tls, deadline).await;
     }
     loop {
-        let packet = match read_startup(&mut tcp).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return closed(ClientError::Gone),
-            Err(e) => return plain(tcp, Err(e.into())),
+        let packet = match by(deadline, read_startup(&mut tcp)).await {
+            Some(Ok(Some(p))) => p,
+            Some(Ok(None)) => return closed(ClientError::Gone),
+            Some(Err(e)) => return plain(tcp, Err(e.into())),
+            None => return plain(tcp, Err(ClientError::LoginTimeout)),
         };
         match (packet, &tls.clients) {
             (StartupPacket::SslRequest, Some(acceptor)) => {
@@ -61,7 +66,7 @@ pub async fn open(mut tcp: TcpStream, tls: &Tls) -> Opened {
                     return closed(ClientError::Gone);
                 };
                 let stream = Stream::FromClient(Box::new(stream::Tls::new(tls_stream)));
-                return inside_tls(stream).await;
+                return inside_tls(stream, deadline).await;
             }
             (StartupPacket::SslRequest | StartupPacket::GssEncRequest, _) => {
                 if tcp.write_all(b"N").await.is_err() {
@@ -73,6 +78,14 @@ pub async fn open(mut tcp: TcpStream, tls: &Tls) -> Opened {
     }
 }
 
+/// `fut`'s output, or `None` once `deadline` has passed.
+async fn by<F: Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        None => Some(fut.await),
+        Some(at) => tokio::time::timeout_at(at, fut).await.ok(),
+    }
+}
+
 fn plain(tcp: TcpStream, first: Result<StartupPacket, ClientError>) -> Opened {
     Opened {
         stream: Some(Stream::Plain(tcp)),
@@ -81,7 +94,7 @@ fn plain(tcp: TcpStream, first: Result<StartupPacket, ClientError>) -> Opened {
 }
 
 /// Direct TLS: the handshake first, and only for clients that say they speak PostgreSQL in it.
-async fn direct(tcp: TcpStream, tls: &Tls) -> Opened {
+async fn direct(tcp: TcpStream, tls: &Tls, deadline: Option<Instant>) -> Opened {
     let gone = Opened {
         stream: None,
         first: Err(ClientError::Gone),
@@ -104,18 +117,19 @@ async fn direct(tcp: TcpStream, tls: &Tls) -> Opened {
             first: Err(ClientError::Protocol(e.into())),
         };
     }
-    inside_tls(stream).await
+    inside_tls(stream, deadline).await
 }
 
 /// After the handshake: a StartupMessage or CancelRequest, nothing else.
-async fn inside_tls(mut stream: Stream) -> Opened {
-    let first = match read_startup(&mut stream).await {
-        Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => Err(
+async fn inside_tls(mut stream: Stream, deadline: Option<Instant>) -> Opened {
+    let first = match by(deadline, read_startup(&mut stream)).await {
+        Some(Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest))) => Err(
             ClientError::Protocol("encryption requested again inside TLS".into()),
         ),
-        Ok(Some(packet)) => Ok(packet),
-        Ok(None) => Err(ClientError::Gone),
-        Err(e) => Err(e.into()),
+        Some(Ok(Some(packet))) => Ok(packet),
+        Some(Ok(None)) => Err(ClientError::Gone),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(ClientError::LoginTimeout),
     };
     Opened {
         stream: Some(stream),
