@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::auth::UserStore;
 use crate::auth::upstream::Login;
-use crate::config::Config;
+use crate::config::{Config, Database};
 use crate::server::ServerConn;
 
 /// One upstream host's numbers.
@@ -63,6 +63,30 @@ fn pools_per_database(config: &Config, db: &crate::config::Database) -> usize {
     }
 }
 
+/// How Floodgate logs in to `host:port` of database `name` for its own queries (the connection
+/// math, the budget's coordination connection): as the database's upstream user, or the first
+/// configured user.
+pub fn host_login(config: &Config, users: &UserStore, name: &str, db: &Database) -> Login {
+    let user = db
+        .user
+        .clone()
+        .or_else(|| config.users.first().map(|u| u.name.clone()));
+    let password = db.password.clone().or_else(|| {
+        let s = users.get(user.as_deref()?)?;
+        s.plain.clone().or_else(|| s.md5.clone())
+    });
+    Login {
+        application_name: None,
+        addr: format!("{}:{}", db.host, db.port),
+        user: user.unwrap_or_default(),
+        dbname: db.dbname.clone().unwrap_or_else(|| name.to_owned()),
+        password,
+        db_key: name.to_owned(),
+        learned_keys: None,
+        tls: config.tls.servers.clone(),
+    }
+}
+
 /// The worst case per `host:port`, and a login to ask that host (from its first database).
 fn worst_cases(config: &Config) -> BTreeMap<String, (usize, Login)> {
     let users = UserStore::new(config);
@@ -75,26 +99,9 @@ fn worst_cases(config: &Config) -> BTreeMap<String, (usize, Login)> {
         if db_cap > 0 {
             per_instance = per_instance.min(db_cap);
         }
-        let total = per_instance * g.instances.max(1);
-        let addr = format!("{}:{}", db.host, db.port);
-        let user = db
-            .user
-            .clone()
-            .or_else(|| config.users.first().map(|u| u.name.clone()));
-        let password = db.password.clone().or_else(|| {
-            let s = users.get(user.as_deref()?)?;
-            s.plain.clone().or_else(|| s.md5.clone())
-        });
-        let login = Login {
-            addr: addr.clone(),
-            user: user.unwrap_or_default(),
-            dbname: db.dbname.clone().unwrap_or_else(|| name.clone()),
-            password,
-            db_key: name.clone(),
-            learned_keys: None,
-            tls: config.tls.servers.clone(),
-        };
-        hosts.entry(addr).or_insert((0, login)).0 += total;
+        let total = per_instance * g.instances.count();
+        let login = host_login(config, &users, name, db);
+        hosts.entry(login.addr.clone()).or_insert((0, login)).0 += total;
     }
     hosts
 }

@@ -390,6 +390,10 @@ pub struct Pools {
     stats: Arc<Stats>,
     /// For upstream logins of SCRAM-only users (pass-through).
     learned_keys: Arc<crate::auth::scram::LearnedKeys>,
+    /// `floodgate/<instance id>`, every server's `application_name` at login.
+    pub mark: String,
+    /// With `instances = "auto"`: the share of each upstream host this instance may use.
+    pub budget: Option<Arc<crate::budget::Budget>>,
 }
 
 /// What a pool for `db` and `upstream_user` is built from under `config`.
@@ -450,6 +454,12 @@ impl Pools {
             switches,
             stats,
             learned_keys,
+            mark: crate::budget::server_mark(&config.floodgate.instance_id()),
+            budget: config
+                .floodgate
+                .instances
+                .is_auto()
+                .then(|| Arc::new(crate::budget::Budget::new(&config.floodgate.instance_id()))),
         }
     }
 
@@ -461,7 +471,7 @@ impl Pools {
         let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
         let key = (setting, name.to_owned());
         match caps.get(&key) {
-            Some(cap) if cap.max == max => Some(cap.clone()),
+            Some(cap) if cap.max() == max => Some(cap.clone()),
             _ => {
                 let cap = Arc::new(Cap::new(setting, name, max));
                 caps.insert(key, cap.clone());
@@ -510,8 +520,10 @@ impl Pools {
         ]
         .into_iter()
         .flatten()
+        .chain(self.budget.as_ref().map(|b| b.host(&spec.addr).cap.clone()))
         .collect();
         let login = Login {
+            application_name: Some(self.mark.clone()),
             addr: spec.addr.clone(),
             user: upstream_user.clone(),
             dbname: spec.dbname.clone(),
