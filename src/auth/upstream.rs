@@ -50,7 +50,10 @@ pub async fn login(
         ("user", login.user.as_str()),
         ("database", login.dbname.as_str()),
     ];
-    let named = login.application_name.as_deref().map(|n| ("application_name", n));
+    let named = login
+        .application_name
+        .as_deref()
+        .map(|n| ("application_name", n));
     frontend::startup_message(params.iter().copied().chain(named), &mut out)?;
     stream.write_all(&out).await?;
     let mut inbuf = BytesMut::with_capacity(1024);
