@@ -743,6 +743,48 @@ mod tests {
     }
 
     #[test]
+    fn instances_is_a_number_or_auto() {
+        let parse = |v: &str| Config::from_toml_str(&format!("[floodgate]\ninstances = {v}\n"));
+        assert_eq!(parse("3").unwrap().floodgate.instances, Instances::Count(3));
+        assert_eq!(
+            parse("\"auto\"").unwrap().floodgate.instances,
+            Instances::Auto
+        );
+        for bad in ["\"many\"", "-1", "0", "1.5"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("instances"), "{bad}: {err}");
+        }
+        let shown = parse("\"auto\"").unwrap().floodgate.settings();
+        assert!(
+            shown.contains(&("instances".into(), "auto".into())),
+            "{shown:?}"
+        );
+        let set = parse("2")
+            .unwrap()
+            .with_setting("instances", "auto")
+            .unwrap();
+        assert_eq!(
+            set.floodgate.instances,
+            Instances::Auto,
+            "SET instances = auto"
+        );
+    }
+
+    #[test]
+    fn instance_id_defaults_to_host_and_port_and_fits_application_name() {
+        let c = Config::from_toml_str("[floodgate]\nlisten = \"127.0.0.1:7001\"\n").unwrap();
+        let id = c.floodgate.instance_id();
+        assert!(id.ends_with(":7001") && id.len() <= MAX_INSTANCE_ID, "{id}");
+        let named = Config::from_toml_str("[floodgate]\ninstance_id = \"pod-a\"\n").unwrap();
+        assert_eq!(named.floodgate.instance_id(), "pod-a");
+        for bad in ["\"\"", "\"has space\"", &format!("\"{}\"", "x".repeat(41))] {
+            let text = format!("[floodgate]\ninstance_id = {bad}\n");
+            let err = Config::from_toml_str(&text).unwrap_err().to_string();
+            assert!(err.contains("instance_id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_enum_value_is_named() {
         let err = Config::from_toml_str("[floodgate]\nauth_type = \"password\"\n").unwrap_err();
         let err = err.to_string();

@@ -162,3 +162,45 @@ async fn collect_debt(cap: Weak<Cap>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (up to 5 s) for `cond`: the debt collector runs on its own task.
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_lowered_cap_takes_places_back_as_servers_close_and_a_raise_repays_first() {
+        let cap = Arc::new(Cap::new("connection_budget", "h:1", 3));
+        let take = || cap.permits.clone().try_acquire_owned();
+        let mut held: Vec<_> = (0..3).map(|_| take().expect("a place")).collect();
+        cap.resize(1);
+        assert_eq!((cap.max(), cap.in_use()), (1, 3), "nothing is cut");
+        held.pop();
+        eventually("a closed server's place is forgotten", || {
+            cap.permits.available_permits() == 0
+        })
+        .await;
+        assert_eq!(cap.in_use(), 2);
+        assert!(take().is_err(), "still over the new cap: no new place");
+        cap.resize(2);
+        assert!(take().is_err(), "the raise first repays the debt");
+        held.pop();
+        eventually("under the cap, places come back", || {
+            cap.permits.available_permits() == 1
+        })
+        .await;
+        assert_eq!((cap.max(), cap.in_use()), (2, 1));
+        cap.resize(4);
+        assert_eq!(cap.permits.available_permits(), 3);
+    }
+}

@@ -390,8 +390,10 @@ pub struct Pools {
     stats: Arc<Stats>,
     /// For upstream logins of SCRAM-only users (pass-through).
     learned_keys: Arc<crate::auth::scram::LearnedKeys>,
-    /// `floodgate/<instance id>`, every server's `application_name` at login.
-    pub mark: String,
+    /// With `instances = "auto"`: `floodgate/<instance id>`, every server's `application_name`
+    /// at login, so operators see whose servers they are (and a RESET returns to it). With a
+    /// number, servers log in as before and clients see PostgreSQL's own default.
+    pub mark: Option<String>,
     /// With `instances = "auto"`: the share of each upstream host this instance may use.
     pub budget: Option<Arc<crate::budget::Budget>>,
 }
@@ -445,6 +447,8 @@ impl Pools {
         stats: Arc<Stats>,
         learned_keys: Arc<crate::auth::scram::LearnedKeys>,
     ) -> Pools {
+        let auto = config.floodgate.instances.is_auto();
+        let id = config.floodgate.instance_id();
         Pools {
             param_names: crate::params::names(&config.floodgate.track_extra_parameters),
             pools: Mutex::new(HashMap::new()),
@@ -454,12 +458,8 @@ impl Pools {
             switches,
             stats,
             learned_keys,
-            mark: crate::budget::server_mark(&config.floodgate.instance_id()),
-            budget: config
-                .floodgate
-                .instances
-                .is_auto()
-                .then(|| Arc::new(crate::budget::Budget::new(&config.floodgate.instance_id()))),
+            mark: auto.then(|| crate::budget::server_mark(&id)),
+            budget: auto.then(|| Arc::new(crate::budget::Budget::new(&id))),
         }
     }
 
@@ -523,7 +523,7 @@ impl Pools {
         .chain(self.budget.as_ref().map(|b| b.host(&spec.addr).cap.clone()))
         .collect();
         let login = Login {
-            application_name: Some(self.mark.clone()),
+            application_name: self.mark.clone(),
             addr: spec.addr.clone(),
             user: upstream_user.clone(),
             dbname: spec.dbname.clone(),
