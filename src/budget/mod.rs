@@ -184,6 +184,12 @@ impl Budget {
             .clone()
     }
 
+    /// Forgets `addr` (a reload removed its last database); its pools retire on their own.
+    pub fn forget(&self, addr: &str) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.remove(addr);
+    }
+
     /// Every host, by address.
     pub fn hosts(&self) -> Vec<Arc<HostBudget>> {
         let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());

@@ -40,6 +40,7 @@ pub async fn run(shared: Weak<Shared>) {
                 let keep = wanted.contains(addr);
                 if !keep {
                     task.abort();
+                    budget.forget(addr);
                 }
                 keep
             });
