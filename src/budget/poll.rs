@@ -195,6 +195,9 @@ impl Coordinator {
         let (users, databases) = upstream_names(config, &host.addr);
         let mut others = Vec::new();
         let mut connected = 0;
+        // Anyone may name a session like a coordination connection (a client of another
+        // instance, while attached to a server): it then counts as one more instance, which
+        // only makes every share smaller, never the sum larger.
         for b in backends.iter().filter(|b| !ours.contains(&b.pid)) {
             if let Some(claim) = super::parse_claim(&b.application_name) {
                 others.push(claim);
