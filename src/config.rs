@@ -114,10 +114,19 @@ pub struct General {
     pub max_client_prepared_statements: usize,
     /// Bytes the proxy-wide statement registry may take (the statements' text).
     pub max_prepared_statement_bytes: usize,
-    /// How many Floodgate processes run against the same databases (for the connection math).
-    pub instances: usize,
+    /// How many Floodgate processes run against the same databases: a number (for the
+    /// connection math only) or `"auto"` (live instances share `connection_budget`, see
+    /// [`crate::budget`]).
+    pub instances: Instances,
     /// Largest share of a server's usable connections this configuration may take.
     pub connection_budget: f64,
+    /// This instance's name on its server connections (`application_name = floodgate/<id>`);
+    /// default: host name + ':' + listen port.
+    pub instance_id: Option<String>,
+    /// With `instances = "auto"`: how often each instance reads the server's limits and who is
+    /// connected, and resizes its share.
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
+    pub budget_period: Duration,
     /// Largest message a client may send, in bytes (the 5-byte header is checked before reading).
     pub max_packet_size: usize,
     #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
@@ -196,12 +205,110 @@ pub struct General {
 }
 
 /// `[floodgate]` keys a reload or SET cannot change: they keep their value until a restart.
-pub const NEEDS_RESTART: [&str; 4] = [
+pub const NEEDS_RESTART: [&str; 5] = [
     "listen",
     "workers",
     "track_extra_parameters",
     "max_prepared_statement_bytes",
+    "instance_id",
 ];
+
+/// `instances`: a fixed count (the connection math only) or `"auto"` (a budget shared by the
+/// instances PostgreSQL sees connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    Count(usize),
+    Auto,
+}
+
+impl Instances {
+    pub fn is_auto(self) -> bool {
+        self == Instances::Auto
+    }
+
+    /// As written in the file.
+    pub fn count_or_auto(self) -> String {
+        match self {
+            Instances::Count(n) => n.to_string(),
+            Instances::Auto => "\"auto\"".into(),
+        }
+    }
+
+    /// The count for the static connection math (`"auto"` counts as one: this instance).
+    pub fn count(self) -> usize {
+        match self {
+            Instances::Count(n) => n.max(1),
+            Instances::Auto => 1,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Instances {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Instances;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of instances or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Instances, E> {
+                usize::try_from(v)
+                    .map(Instances::Count)
+                    .map_err(|_| E::custom("instances must be a positive number or \"auto\""))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Instances, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Instances, E> {
+                match v {
+                    "auto" => Ok(Instances::Auto),
+                    _ => Err(E::custom(format!(
+                        "`{v}` is not a number of instances or \"auto\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for Instances {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Instances::Count(n) => s.serialize_u64(*n as u64),
+            Instances::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+/// Longest `instance_id`: it must fit in `application_name` (63 bytes) after
+/// `floodgate/budget=<claim>/`.
+pub const MAX_INSTANCE_ID: usize = 40;
+
+impl General {
+    /// `instance_id`, or host name + ':' + listen port (the tail kept when that is longer than
+    /// [`MAX_INSTANCE_ID`]: pod names differ at their end).
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let id = format!("{}:{}", host_name(), self.listen.port());
+        let id: String = id.chars().filter(char::is_ascii_graphic).collect();
+        id[id.len().saturating_sub(MAX_INSTANCE_ID)..].to_owned()
+    }
+}
+
+/// This machine's host name (`localhost` if it cannot be read).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match rc {
+        0 if len > 0 => String::from_utf8_lossy(&buf[..len]).into_owned(),
+        _ => "localhost".into(),
+    }
+}
 
 impl General {
     /// Every setting and its value as text, in file order (SHOW CONFIG).
@@ -252,8 +359,10 @@ impl Default for General {
             max_client_prepared_statements: 1000,
             max_prepared_statement_bytes: 64 << 20,
             max_packet_size: 1_073_741_823,
-            instances: 1,
+            instances: Instances::Count(1),
             connection_budget: 0.7,
+            instance_id: None,
+            budget_period: Duration::from_secs(1),
             query_wait_timeout: Duration::from_secs(120),
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
@@ -518,6 +627,22 @@ impl Config {
                 "[floodgate] connection_budget must be a fraction in (0, 1], e.g. 0.7".into(),
             );
         }
+        if let Some(id) = &g.instance_id
+            && (id.is_empty()
+                || id.len() > MAX_INSTANCE_ID
+                || !id.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return invalid(format!(
+                "[floodgate] instance_id `{id}`: 1 to {MAX_INSTANCE_ID} printable ASCII \
+                 characters without spaces (it goes into application_name)"
+            ));
+        }
+        if g.instances == Instances::Count(0) {
+            return invalid("[floodgate] instances must be at least 1, or \"auto\"".into());
+        }
+        if g.budget_period < Duration::from_millis(100) {
+            return invalid("[floodgate] budget_period must be at least 100ms".into());
+        }
         if g.max_packet_size < 1024 {
             return invalid("[floodgate] max_packet_size must be at least 1024 bytes".into());
         }
@@ -615,6 +740,48 @@ mod tests {
         assert_eq!((db.host.as_str(), db.port), ("127.0.0.1", 5433));
         assert_eq!(c.pool_size(db), 3);
         assert_eq!(c.pool_mode(db), PoolMode::Transaction);
+    }
+
+    #[test]
+    fn instances_is_a_number_or_auto() {
+        let parse = |v: &str| Config::from_toml_str(&format!("[floodgate]\ninstances = {v}\n"));
+        assert_eq!(parse("3").unwrap().floodgate.instances, Instances::Count(3));
+        assert_eq!(
+            parse("\"auto\"").unwrap().floodgate.instances,
+            Instances::Auto
+        );
+        for bad in ["\"many\"", "-1", "0", "1.5"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("instances"), "{bad}: {err}");
+        }
+        let shown = parse("\"auto\"").unwrap().floodgate.settings();
+        assert!(
+            shown.contains(&("instances".into(), "auto".into())),
+            "{shown:?}"
+        );
+        let set = parse("2")
+            .unwrap()
+            .with_setting("instances", "auto")
+            .unwrap();
+        assert_eq!(
+            set.floodgate.instances,
+            Instances::Auto,
+            "SET instances = auto"
+        );
+    }
+
+    #[test]
+    fn instance_id_defaults_to_host_and_port_and_fits_application_name() {
+        let c = Config::from_toml_str("[floodgate]\nlisten = \"127.0.0.1:7001\"\n").unwrap();
+        let id = c.floodgate.instance_id();
+        assert!(id.ends_with(":7001") && id.len() <= MAX_INSTANCE_ID, "{id}");
+        let named = Config::from_toml_str("[floodgate]\ninstance_id = \"pod-a\"\n").unwrap();
+        assert_eq!(named.floodgate.instance_id(), "pod-a");
+        for bad in ["\"\"", "\"has space\"", &format!("\"{}\"", "x".repeat(41))] {
+            let text = format!("[floodgate]\ninstance_id = {bad}\n");
+            let err = Config::from_toml_str(&text).unwrap_err().to_string();
+            assert!(err.contains("instance_id"), "{bad}: {err}");
+        }
     }
 
     #[test]

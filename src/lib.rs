@@ -9,7 +9,8 @@
 //! [`protocol::prepared`] keeping named statements working), until the transaction ends → the
 //! server goes back to the pool (or through [`reset`] first when its client left it dirty).
 //! [`params`] keeps each client's session parameters, [`cancel`] routes cancel requests,
-//! [`check`] does the connection math, [`config`] is the TOML file.
+//! [`check`] does the connection math, [`budget`] shares one between instances
+//! (`instances = "auto"`), [`config`] is the TOML file.
 //!
 //! Live state has one home, [`shared`]: the configuration a reload replaces, the pools,
 //! [`sessions`] (who is connected), the kill [`switch`]es and the [`stats`]. The [`admin`]
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod buffers;
 pub mod cancel;
 pub mod check;

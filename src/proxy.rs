@@ -62,6 +62,9 @@ impl Proxy {
             None => None,
         };
         tokio::spawn(rotate_stats(Arc::downgrade(&shared)));
+        if shared.pools.budget.is_some() {
+            tokio::spawn(crate::budget::poll::run(Arc::downgrade(&shared)));
+        }
         let acceptor = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%local_addr, "floodgate listening");
         Ok(Proxy {

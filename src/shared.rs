@@ -174,6 +174,17 @@ impl Shared {
             notes.push("max_prepared_statement_bytes changed: needs a restart".into());
             n.max_prepared_statement_bytes = o.max_prepared_statement_bytes;
         }
+        if o.instance_id != n.instance_id {
+            notes.push("instance_id changed: needs a restart".into());
+            n.instance_id = o.instance_id.clone();
+        }
+        if o.instances.is_auto() != n.instances.is_auto() {
+            notes.push(format!(
+                "instances changed between a number and \"auto\": needs a restart (still {})",
+                o.instances.count_or_auto()
+            ));
+            n.instances = o.instances;
+        }
         if old.metrics.as_ref().map(|m| m.listen) != new.metrics.as_ref().map(|m| m.listen) {
             notes.push("[metrics] listen changed: needs a restart".into());
         }
@@ -229,6 +240,10 @@ impl Shared {
 
 /// The math of `floodgate check`, as warnings (at start and at every reload).
 pub fn warn_connection_math(config: Arc<Config>) {
+    if config.floodgate.instances.is_auto() {
+        // The budget keeps the instances under it (and a check connection would count).
+        return;
+    }
     tokio::spawn(async move {
         match crate::check::connection_math(&config).await {
             Ok(reports) => {

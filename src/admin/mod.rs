@@ -3,6 +3,7 @@
 //! `admin_users` may run everything, `stats_users` only SHOW.
 
 pub mod actions;
+pub mod budget;
 pub mod show;
 pub mod table;
 
@@ -239,7 +240,7 @@ fn words(sql: &str) -> Result<Vec<String>, Refusal> {
 }
 
 const HELP: &str = "\
-SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|STATE|MEM|VERSION
+SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS|LISTS|STATE|MEM|VERSION|BUDGET
 SET key = arg
 RELOAD
 PAUSE [<db>]
@@ -396,6 +397,7 @@ fn show(shared: &Shared, args: &[&str], out: &mut BytesMut) -> Result<(), Refusa
             table::command_complete(out, "SHOW");
         }
         "POOLS" => show::pools(shared, out),
+        "BUDGET" => budget::show(shared, out),
         "STATS" => show::stats(shared, StatsView::All, out),
         "STATS_TOTALS" => show::stats(shared, StatsView::Totals, out),
         "STATS_AVERAGES" => show::stats(shared, StatsView::Averages, out),

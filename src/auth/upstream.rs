@@ -14,6 +14,9 @@ use crate::error::UpstreamError;
 /// How to log in to one upstream database.
 #[derive(Clone)]
 pub struct Login {
+    /// Sent as a startup parameter (`floodgate/<instance id>`): the server's default, so a
+    /// RESET returns to it ([`crate::budget`]).
+    pub application_name: Option<String>,
     pub addr: String,
     pub user: String,
     pub dbname: String,
@@ -47,7 +50,11 @@ pub async fn login(
         ("user", login.user.as_str()),
         ("database", login.dbname.as_str()),
     ];
-    frontend::startup_message(params.iter().copied(), &mut out)?;
+    let named = login
+        .application_name
+        .as_deref()
+        .map(|n| ("application_name", n));
+    frontend::startup_message(params.iter().copied().chain(named), &mut out)?;
     stream.write_all(&out).await?;
     let mut inbuf = BytesMut::with_capacity(1024);
     let mut scram: Option<ScramSha256> = None;

@@ -257,6 +257,7 @@ pub fn render(shared: &Shared) -> String {
         registry: Registry::new(),
     };
     pools(shared, &live);
+    budget(shared, &live);
     process(shared, &live);
     let mut families = shared.stats.telemetry.registry.gather();
     families.extend(live.registry.gather());
@@ -264,6 +265,47 @@ pub fn render(shared: &Shared) -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&families, &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// `instances = "auto"`: the budget per upstream host, as the last poll saw it (no series
+/// when `instances` is a number, or before a host's first poll).
+fn budget(shared: &Shared, live: &Live) {
+    let Some(budget) = &shared.pools.budget else {
+        return;
+    };
+    let host = &["host"];
+    let instances = live.gauge(
+        "floodgate_budget_instances",
+        "Live Floodgate instances sharing the upstream host's budget (this one included).",
+        host,
+    );
+    let total = live.gauge(
+        "floodgate_budget_connections",
+        "The budget: connection_budget x (max_connections - superuser_reserved_connections).",
+        host,
+    );
+    let share = live.gauge(
+        "floodgate_budget_share_connections",
+        "Each live instance's fair share of the budget.",
+        host,
+    );
+    let cap = live.gauge(
+        "floodgate_budget_cap_connections",
+        "Server connections this instance may open on the host now (its share, less while \
+         others still hold more than theirs).",
+        host,
+    );
+    for h in budget.hosts() {
+        let v = h.view();
+        if !v.polled {
+            continue;
+        }
+        let labels = [h.addr.as_str()];
+        instances.with_label_values(&labels).set(v.instances as i64);
+        total.with_label_values(&labels).set(v.budget as i64);
+        share.with_label_values(&labels).set(v.share as i64);
+        cap.with_label_values(&labels).set(h.cap.max() as i64);
+    }
 }
 
 fn pools(shared: &Shared, live: &Live) {

@@ -390,6 +390,12 @@ pub struct Pools {
     stats: Arc<Stats>,
     /// For upstream logins of SCRAM-only users (pass-through).
     learned_keys: Arc<crate::auth::scram::LearnedKeys>,
+    /// With `instances = "auto"`: `floodgate/<instance id>`, every server's `application_name`
+    /// at login, so operators see whose servers they are (and a RESET returns to it). With a
+    /// number, servers log in as before and clients see PostgreSQL's own default.
+    pub mark: Option<String>,
+    /// With `instances = "auto"`: the share of each upstream host this instance may use.
+    pub budget: Option<Arc<crate::budget::Budget>>,
 }
 
 /// What a pool for `db` and `upstream_user` is built from under `config`.
@@ -441,6 +447,8 @@ impl Pools {
         stats: Arc<Stats>,
         learned_keys: Arc<crate::auth::scram::LearnedKeys>,
     ) -> Pools {
+        let auto = config.floodgate.instances.is_auto();
+        let id = config.floodgate.instance_id();
         Pools {
             param_names: crate::params::names(&config.floodgate.track_extra_parameters),
             pools: Mutex::new(HashMap::new()),
@@ -450,6 +458,8 @@ impl Pools {
             switches,
             stats,
             learned_keys,
+            mark: auto.then(|| crate::budget::server_mark(&id)),
+            budget: auto.then(|| Arc::new(crate::budget::Budget::new(&id))),
         }
     }
 
@@ -461,7 +471,7 @@ impl Pools {
         let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
         let key = (setting, name.to_owned());
         match caps.get(&key) {
-            Some(cap) if cap.max == max => Some(cap.clone()),
+            Some(cap) if cap.max() == max => Some(cap.clone()),
             _ => {
                 let cap = Arc::new(Cap::new(setting, name, max));
                 caps.insert(key, cap.clone());
@@ -510,8 +520,10 @@ impl Pools {
         ]
         .into_iter()
         .flatten()
+        .chain(self.budget.as_ref().map(|b| b.host(&spec.addr).cap.clone()))
         .collect();
         let login = Login {
+            application_name: self.mark.clone(),
             addr: spec.addr.clone(),
             user: upstream_user.clone(),
             dbname: spec.dbname.clone(),
