@@ -214,4 +214,8 @@ sys.stdout.write('@@CONFIG@@' + docs['ConfigMap']['data']['floodgate.toml'])
         config.metrics.is_some(),
         "the probes' endpoint is configured"
     );
+    assert!(
+        config.floodgate.instances.is_auto(),
+        "replicas share the connection budget (instances = \"auto\")"
+    );
 }
