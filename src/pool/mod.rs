@@ -117,6 +117,13 @@ struct LiveSettings {
     reserve_timeout: Duration,
 }
 
+/// A checkout that does not queue: deadpool takes a free place with `try_acquire`, no timer.
+const NO_WAIT: Timeouts = Timeouts {
+    wait: Some(Duration::ZERO),
+    create: None,
+    recycle: None,
+};
+
 impl ServerPool {
     /// Waits (first come, first served) for a server, opening one if below the cap. A client
     /// that has waited `reserve_pool_timeout` may also take a reserve server, without losing its
@@ -147,6 +154,14 @@ impl ServerPool {
 
     /// One attempt of [`Self::checkout`].
     async fn checkout_once(&self, deadline: Option<Instant>) -> Result<Server, CheckoutError> {
+        // Fast path: a free place in the pool (an idle server, or room to open one) is taken
+        // without arming a timer. A free place means no one is queued (released places go to
+        // waiters first), so first come, first served still holds.
+        match self.pool.timeout_get(&NO_WAIT).await {
+            Ok(server) => return Ok(Self::taken(server)),
+            Err(PoolError::Timeout(_)) => {}
+            Err(e) => return Err(self.checkout_error(e)),
+        }
         let main_timeouts = self.wait_until(deadline);
         let main = self.pool.timeout_get(&main_timeouts);
         tokio::pin!(main);
@@ -165,13 +180,21 @@ impl ServerPool {
                 }
             }
         };
-        let mut server = result.map_err(|e| match e {
+        result.map(Self::taken).map_err(|e| self.checkout_error(e))
+    }
+
+    /// A server just checked out: dirty until its client gives it back cleanly.
+    fn taken(mut server: Server) -> Server {
+        server.dirty = true;
+        server
+    }
+
+    fn checkout_error(&self, e: PoolError<UpstreamError>) -> CheckoutError {
+        match e {
             PoolError::Timeout(_) => CheckoutError::WaitTimeout(self.wait_timeout.get()),
             PoolError::Backend(e) => CheckoutError::Upstream(e),
             _ => CheckoutError::Closed,
-        })?;
-        server.dirty = true;
-        Ok(server)
+        }
     }
 
     /// Timeouts for a wait that must end by `deadline` (`None`: no limit).
@@ -186,16 +209,8 @@ impl ServerPool {
     /// A server if one is free or can be opened now, without queueing (`None` otherwise, also
     /// while the upstream cannot be reached: [`Self::checkout`] waits for it).
     pub async fn try_checkout(&self) -> Result<Option<Server>, CheckoutError> {
-        let timeouts = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: None,
-            recycle: None,
-        };
-        match self.pool.timeout_get(&timeouts).await {
-            Ok(mut server) => {
-                server.dirty = true;
-                Ok(Some(server))
-            }
+        match self.pool.timeout_get(&NO_WAIT).await {
+            Ok(server) => Ok(Some(Self::taken(server))),
             Err(PoolError::Timeout(_)) => Ok(None),
             Err(PoolError::Backend(e)) if e.is_transient() => Ok(None),
             Err(PoolError::Backend(e)) => Err(CheckoutError::Upstream(e)),
