@@ -269,6 +269,8 @@ impl Session {
     /// handed to the tracker, then forwarded or replaced (into `to_server`); the server's
     /// answer (`server` is what it sends for what it was sent) is scanned the same way (into
     /// `to_client`), with the responses the proxy owes put in as they become due.
+    /// Where the relay forwards from its read buffer in place (splicing replacements in), this
+    /// copies into `to_server` / `to_client`: a few ns for these ~100-byte transactions.
     fn transaction(&mut self, client: &[u8], server: &[u8]) -> (usize, usize) {
         let Session {
             registry,
