@@ -50,8 +50,8 @@
 #   KEEP_WORKDIR   1 = keep the temp dir (logs, configs) instead of deleting it [0]
 #   TLS            1 = clients connect with sslmode=require to every target: PostgreSQL gets
 #                  ssl = on, PgBouncer and Floodgate client_tls_sslmode = require, all with one
-#                  self-signed certificate (openssl) made for the run; proxies use their default
-#                  server_tls_sslmode (prefer), so their server connections are encrypted too [0]
+#                  self-signed certificate (openssl) made for the run; both proxies use
+#                  server_tls_sslmode = prefer, so their server connections are encrypted too [0]
 #   FLOODGATE_BIN  path to a floodgate binary; runs it as target `floodgate` with a config
 #                  written from the contract in shared/DESIGN.md [unset: skipped]
 #
@@ -382,7 +382,9 @@ log_disconnections = 0
 EOF
   if pgbouncer_has_prepared; then echo "max_prepared_statements = 200" >>"$WORK/pgbouncer.ini"; fi
   if [[ $TLS == 1 ]]; then
-    printf 'client_tls_sslmode = require\nclient_tls_key_file = %s\nclient_tls_cert_file = %s\n' \
+    # server_tls_sslmode spelled out: PgBouncer before 1.20 defaults to disable (Floodgate and
+    # later PgBouncers to prefer), and both legs must be encrypted for a fair comparison.
+    printf 'client_tls_sslmode = require\nclient_tls_key_file = %s\nclient_tls_cert_file = %s\nserver_tls_sslmode = prefer\n' \
       "$WORK/tls.key" "$WORK/tls.crt" >>"$WORK/pgbouncer.ini"
   fi
   if [[ $(id -u) == 0 ]]; then chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"; fi
