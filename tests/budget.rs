@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -19,23 +17,8 @@ use floodgate::pgcluster::{HbaAuth, PgCluster};
 /// `connection_budget` in these tests.
 const BUDGET: f64 = 0.7;
 
-/// One Floodgate process and the log lines it wrote.
-struct Instance {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts the built binary with `instances = "auto"` and id `id`, and waits for its address.
-fn start_instance(cluster: &PgCluster, id: &str) -> Instance {
+fn start_instance(cluster: &PgCluster, id: &str) -> Process {
     let opts = ProxyOpts {
         pool_size: 20,
         extra: vec![
@@ -46,51 +29,7 @@ fn start_instance(cluster: &PgCluster, id: &str) -> Instance {
         ],
         ..ProxyOpts::default()
     };
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("floodgate.toml");
-    std::fs::write(&path, proxy_toml(cluster, &opts)).expect("writing the configuration");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "floodgate=info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting floodgate");
-    let stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = log.clone();
-    // Keeps draining stderr so the process never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = listening_addr(&line) {
-                let _ = tx.send(addr);
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let addr = match rx.recv_timeout(TIMEOUT) {
-        Ok(addr) => addr,
-        Err(_) => panic!("{id} did not start: {:?}", log.lock().unwrap()),
-    };
-    Instance {
-        child,
-        addr,
-        log,
-        _dir: dir,
-    }
-}
-
-/// The address in the "floodgate listening local_addr=..." log line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    if !line.contains("floodgate listening") {
-        return None;
-    }
-    let rest = line.split("local_addr=").nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
+    start_binary(&proxy_toml(cluster, &opts), id)
 }
 
 /// pgbench (`-N`: no contended branch/teller updates) through `addr` for `secs` seconds.
@@ -181,14 +120,7 @@ fn assert_pgbench_ok(name: &str, out: &std::process::Output) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_share_the_budget_as_they_join_and_die() {
     let cluster = start_cluster(HbaAuth::ScramSha256, 50).await;
-    let upstream: SocketAddr = format!("{}:{}", cluster.host(), cluster.port())
-        .parse()
-        .unwrap();
-    let mut init = vec!["-i".into(), "-q".into(), "-U".into(), "app".into()];
-    init.extend(host_port(upstream));
-    init.push("app".into());
-    let out = run_tool("pgbench", init).await;
-    assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
+    pgbench_init(&cluster).await;
 
     let limits = cluster_sql(
         &cluster,

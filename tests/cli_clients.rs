@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 use floodgate::pgcluster::HbaAuth;
 
@@ -62,15 +60,7 @@ async fn pgbench_through_proxy(mode: &str, extra: &[&str]) {
         ..ProxyOpts::default()
     };
     let env = Env::start(HbaAuth::ScramSha256, opts).await;
-    let upstream: SocketAddr = format!("{}:{}", env.cluster.host(), env.cluster.port())
-        .parse()
-        .unwrap();
-
-    let mut init = vec!["-i".into(), "-q".into(), "-U".into(), "app".into()];
-    init.extend(host_port(upstream));
-    init.push("app".into());
-    let out = run_tool("pgbench", init).await;
-    assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
+    pgbench_init(&env.cluster).await;
 
     let mut bench: Vec<String> = [
         "-M", mode, "-c", "10", "-j", "2", "-t", "50", "-n", "-U", "app",

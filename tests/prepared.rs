@@ -523,11 +523,7 @@ async fn pgbench_prepared(env: &Env, extra: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_prepared_mode_with_20_clients_on_a_pool_of_3() {
     let env = env(3, None).await;
-    let mut init = vec!["-i".into(), "-q".into(), "-U".into(), "app".into()];
-    init.extend(host_port(upstream(&env)));
-    init.push("app".into());
-    let out = run_tool("pgbench", init).await;
-    assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
+    pgbench_init(&env.cluster).await;
 
     pgbench_prepared(&env, &[]).await;
     assert_eq!(

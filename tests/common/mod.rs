@@ -558,3 +558,86 @@ pub fn host_port(addr: SocketAddr) -> Vec<String> {
         addr.port().to_string(),
     ]
 }
+
+// ---------------------------------------------------------------------------------------------
+// The built binary as a separate process.
+// ---------------------------------------------------------------------------------------------
+
+/// A `floodgate` process started by a test, and the log lines it wrote; killed on drop.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the built binary with the configuration `toml` (listening on port 0 is fine) and
+/// waits for the address it logs; `name` is for messages.
+pub fn start_binary(toml: &str, name: &str) -> Process {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("floodgate.toml");
+    std::fs::write(&path, toml).expect("writing the configuration");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_floodgate"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "floodgate=info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting floodgate");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = log.clone();
+    // Keeps draining stderr so the process never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = listening_addr(&line) {
+                let _ = tx.send(addr);
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let addr = match rx.recv_timeout(TIMEOUT) {
+        Ok(addr) => addr,
+        Err(_) => panic!("{name} did not start: {:?}", log.lock().unwrap()),
+    };
+    Process {
+        child,
+        addr,
+        log,
+        _dir: dir,
+    }
+}
+
+/// The address in the "floodgate listening local_addr=..." log line.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    if !line.contains("floodgate listening") {
+        return None;
+    }
+    let rest = line.split("local_addr=").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// `pgbench -i -q` on database `app` as `app`, directly against `cluster`.
+pub async fn pgbench_init(cluster: &PgCluster) {
+    let upstream: SocketAddr = format!("{}:{}", cluster.host(), cluster.port())
+        .parse()
+        .expect("the cluster's address");
+    let mut init = vec!["-i".into(), "-q".into(), "-U".into(), "app".into()];
+    init.extend(host_port(upstream));
+    init.push("app".into());
+    let out = run_tool("pgbench", init).await;
+    assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
+}
