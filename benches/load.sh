@@ -52,6 +52,8 @@
 #                  ssl = on, PgBouncer and Floodgate client_tls_sslmode = require, all with one
 #                  self-signed certificate (openssl) made for the run; both proxies use
 #                  server_tls_sslmode = prefer, so their server connections are encrypted too [0]
+#   SYSCALLS       1 = also count each proxy's system calls per transaction (perf stat on the
+#                  raw_syscalls:sys_enter tracepoint; costs the proxies a little CPU) [0]
 #   FLOODGATE_BIN  path to a floodgate binary; runs it as target `floodgate` with a config
 #                  written from the contract in shared/DESIGN.md [unset: skipped]
 #
@@ -98,6 +100,8 @@
 #                  (100 = all cores). 0-5 is normal (kernel threads, tick sampling); more means a
 #                  foreign load shared the box and the run's TPS is suspect
 #   elapsed_s      wall time of the pgbench command
+#   proxy_sys_pct  share of the proxy's CPU spent in the kernel (stime / (utime + stime))
+#   syscalls_per_tx  the proxy's system calls per transaction (SYSCALLS=1; nan otherwise)
 #
 # The summary prints, per workload: median TPS with its spread ((max-min)/median), latency,
 # CPU µs/tx and core use of each proxy, PostgreSQL's µs/tx, all_us/tx (PostgreSQL + proxy +
@@ -135,6 +139,11 @@ PROXY_START_TIMEOUT=${PROXY_START_TIMEOUT:-30}
 
 # Clients: password for proxies that ask, no TLS or GSS negotiation round trips.
 TLS=${TLS:-0}
+SYSCALLS=${SYSCALLS:-0}
+if [[ $SYSCALLS == 1 ]] && ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+  echo "SYSCALLS=1 needs perf with the raw_syscalls tracepoint (linux-perf, root or perf_event_paranoid <= 1)" >&2
+  exit 1
+fi
 export PGPASSWORD=bench PGSSLMODE=disable PGGSSENCMODE=disable
 if [[ $TLS == 1 ]]; then export PGSSLMODE=require; fi
 
@@ -185,23 +194,24 @@ wait_port() {  # port timeout_s: wait until something accepts TCP connections on
   return 1
 }
 
-# The process tree rooted at PID $1 as "pid ticks" lines, where ticks = utime+stime+cutime+cstime
-# in clock ticks (a process's threads are summed into its /proc/PID/stat). cutime/cstime count
+# The process tree rooted at PID $1 as "pid user sys" lines, where user = utime+cutime and
+# sys = stime+cstime in clock ticks (a process's threads are summed into its /proc/PID/stat). cutime/cstime count
 # too, so the CPU of a child that exits and is reaped during a run moves into its parent's total
 # instead of vanishing. `cat` tolerates processes that disappear between the glob and the read
 # (and then fails, hence `|| true` under pipefail); awk would abort.
 proc_tree() {
   { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$1" '
     { pid = $1; sub(/^.*\) /, "")   # drop "pid (comm) ": comm may contain spaces and parentheses
-      parent[pid] = $2; ticks[pid] = $12 + $13 + $14 + $15 }
+      parent[pid] = $2; user[pid] = $12 + $14; sys[pid] = $13 + $15 }
     END {
       if (!(root in parent)) exit
       intree[root] = 1; grew = 1
       while (grew) { grew = 0
         for (p in parent) if (!(p in intree) && (parent[p] in intree)) { intree[p] = 1; grew = 1 } }
-      for (p in intree) print p, ticks[p] }'
+      for (p in intree) print p, user[p], sys[p] }'
 }
-tree_ticks() { proc_tree "$1" | awk '{ t += $2; n++ } END { print n ? t : "nan" }'; }
+tree_ticks() { proc_tree "$1" | awk '{ t += $2 + $3; n++ } END { print n ? t : "nan" }'; }
+tree_sys_ticks() { proc_tree "$1" | awk '{ t += $3; n++ } END { print n ? t : "nan" }'; }
 tree_pids() { proc_tree "$1" | awk '{ print $1 }'; }
 
 machine_ticks() {  # "busy total" clock ticks of the whole machine, from /proc/stat
@@ -214,6 +224,22 @@ machine_ticks() {  # "busy total" clock ticks of the whole machine, from /proc/s
 children_ticks() { awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat"; }
 
 now() { date +%s.%N; }
+
+# SYSCALLS=1: count the proxy's system calls during a run with perf's raw_syscalls:sys_enter
+# tracepoint (a software event) on every thread of its process tree. Counting costs the proxy a
+# little CPU, equally for every proxy; off by default so CPU figures stay undisturbed.
+syscalls_start() {  # pid-of-tree -> starts perf in the background, output in $WORK/perf.out
+  local pids; pids=$(tree_pids "$1" | paste -sd,)
+  perf stat -x, -e raw_syscalls:sys_enter -p "$pids" -o "$WORK/perf.out" 2>/dev/null &
+  PERF_PID=$!
+  sleep 0.2
+}
+syscalls_stop() {  # -> the count, or nan
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  awk -F, '/raw_syscalls:sys_enter/ { print ($1 ~ /^[0-9]+$/) ? $1 : "nan"; found = 1 }
+           END { if (!found) print "nan" }' "$WORK/perf.out" 2>/dev/null || echo nan
+}
 
 # ---------------------------------------------------------------- summary
 # print_summary RUNS_CSV SUMMARY_CSV: medians over repeats per (script, mode, clients, target);
@@ -243,14 +269,14 @@ print_summary() {
     if (!(k in kseen)) { kseen[k] = 1; ntg[w]++; tg[w, ntg[w]] = $4 }
     if ($6 != "nan") n[k]++
     add(k, "tps", $6); add(k, "lat", $7); add(k, "cpu", $12); add(k, "core", $13)
-    add(k, "pg", $15); add(k, "busy", $17); add(k, "other", $18)
+    add(k, "pg", $15); add(k, "busy", $17); add(k, "other", $18); add(k, "sys", $20); add(k, "calls", $21)
     # everything this transaction cost the box: PostgreSQL + proxy + pgbench
     if ($9 > 0 && $15 != "nan") add(k, "all", $15 + ($12 == "nan" ? 0 : $12) + $16 * 1e6 / $9)
   }
   END {
-    print "script,mode,clients,target,runs,tps,tps_spread,latency_ms,cpu_us_per_tx,proxy_core_pct,pg_us_per_tx,all_us_per_tx,busy_pct,other_pct" > summary
-    printf "%-13s %-9s %7s | %-10s %3s %9s %6s %8s %10s %6s %9s %9s %6s %6s\n", "script", "mode", "clients",
-           "target", "n", "tps", "spread", "lat_ms", "cpu_us/tx", "core%", "pg_us/tx", "all_us/tx", "busy%", "other%"
+    print "script,mode,clients,target,runs,tps,tps_spread,latency_ms,cpu_us_per_tx,proxy_core_pct,pg_us_per_tx,all_us_per_tx,busy_pct,other_pct,proxy_sys_pct,syscalls_per_tx" > summary
+    printf "%-13s %-9s %7s | %-10s %3s %9s %6s %8s %10s %6s %5s %6s %9s %9s %6s %6s\n", "script", "mode", "clients",
+           "target", "n", "tps", "spread", "lat_ms", "cpu_us/tx", "core%", "sys%", "sc/tx", "pg_us/tx", "all_us/tx", "busy%", "other%"
     for (i = 1; i <= nw; i++) {
       w = worder[i]; split(w, p, SUBSEP)
       for (j = 1; j <= ntg[w]; j++) {
@@ -258,15 +284,17 @@ print_summary() {
         m["tps"] = median(vals[k, "tps"]); m["lat"] = median(vals[k, "lat"]); m["cpu"] = median(vals[k, "cpu"])
         m["core"] = median(vals[k, "core"]); m["pg"] = median(vals[k, "pg"]); m["busy"] = median(vals[k, "busy"])
         m["other"] = median(vals[k, "other"]); m["all"] = median(vals[k, "all"])
+        m["sys"] = median(vals[k, "sys"]); m["calls"] = median(vals[k, "calls"])
         med_tps[w, t] = m["tps"]; med_cpu[w, t] = m["cpu"]
-        printf "%-13s %-9s %7s | %-10s %3s %9s %6s %8s %10s %6s %9s %9s %6s %6s\n", p[1], p[2], p[3], t,
+        printf "%-13s %-9s %7s | %-10s %3s %9s %6s %8s %10s %6s %5s %6s %9s %9s %6s %6s\n", p[1], p[2], p[3], t,
                (n[k] + 0) "/" repeats, fmt(m["tps"], "%.0f"), spread(vals[k, "tps"]), fmt(m["lat"], "%.3f"),
-               fmt(m["cpu"], "%.1f"), fmt(m["core"], "%.0f"), fmt(m["pg"], "%.1f"), fmt(m["all"], "%.1f"),
+               fmt(m["cpu"], "%.1f"), fmt(m["core"], "%.0f"), fmt(m["sys"], "%.0f"), fmt(m["calls"], "%.2f"),
+               fmt(m["pg"], "%.1f"), fmt(m["all"], "%.1f"),
                fmt(m["busy"], "%.0f"),
                fmt(m["other"], "%.0f") (m["other"] != "nan" && m["other"] > 5 ? "!" : "")
         if (m["other"] != "nan" && m["other"] > 5) disturbed++
         print p[1], p[2], p[3], t, n[k] + 0, m["tps"], spread(vals[k, "tps"]), m["lat"], m["cpu"], m["core"], m["pg"],
-              m["all"], m["busy"], m["other"] > summary
+              m["all"], m["busy"], m["other"], m["sys"], m["calls"] > summary
       }
       if ((w, "pgbouncer") in med_tps && (w, "direct") in med_tps)
         printf "  ratio pgbouncer/direct: tps %s\n", ratio(med_tps[w, "pgbouncer"], med_tps[w, "direct"])
@@ -459,7 +487,7 @@ if [[ -n ${PROXY_CMD:-} ]]; then
 fi
 
 # ---------------------------------------------------------------- one run
-echo "script,mode,clients,target,repeat,tps,latency_ms,connect_ms,transactions,failed,proxy_cpu_s,cpu_us_per_tx,proxy_core_pct,pg_cpu_s,pg_us_per_tx,client_cpu_s,busy_pct,other_pct,elapsed_s" >"$OUT"
+echo "script,mode,clients,target,repeat,tps,latency_ms,connect_ms,transactions,failed,proxy_cpu_s,cpu_us_per_tx,proxy_core_pct,pg_cpu_s,pg_us_per_tx,client_cpu_s,busy_pct,other_pct,elapsed_s,proxy_sys_pct,syscalls_per_tx" >"$OUT"
 
 reset_tables() {  # what pgbench's own pre-run vacuum does, done directly so no proxy is involved
   pg_admin -c "VACUUM pgbench_branches" -c "VACUUM pgbench_tellers" -c "TRUNCATE pgbench_history" \
@@ -476,14 +504,16 @@ run_one() {  # script mode clients target repeat
   esac
   if [[ $script == select-only ]]; then pg_admin -c CHECKPOINT bench; else reset_tables; fi
 
-  local p0 g0 m0 c0 t0 p1 g1 m1 c1 t1
-  p0=nan; if [[ $target != direct ]]; then p0=$(tree_ticks "${PID[$target]}"); fi
+  local p0 g0 m0 c0 t0 p1 g1 m1 c1 t1 s0=nan s1=nan calls=nan
+  p0=nan; if [[ $target != direct ]]; then p0=$(tree_ticks "${PID[$target]}"); s0=$(tree_sys_ticks "${PID[$target]}"); fi
+  if [[ $SYSCALLS == 1 && $target != direct ]]; then syscalls_start "${PID[$target]}"; fi
   g0=$(tree_ticks "$PG_PID"); m0=$(machine_ticks); c0=$(children_ticks); t0=$(now)
   # -T bounds the run; timeout bounds a proxy that hangs so pgbench never reaches its deadline.
   timeout $((DURATION + 60)) pgbench -n "${flags[@]}" -M "$mode" -c "$clients" -j "$THREADS" -T "$DURATION" \
     -h 127.0.0.1 -p "${PORT[$target]}" -U bench bench >"$run_log" 2>&1 || true
   t1=$(now); c1=$(children_ticks); m1=$(machine_ticks); g1=$(tree_ticks "$PG_PID")
-  p1=nan; if [[ $target != direct ]]; then p1=$(tree_ticks "${PID[$target]}"); fi
+  p1=nan; if [[ $target != direct ]]; then p1=$(tree_ticks "${PID[$target]}"); s1=$(tree_sys_ticks "${PID[$target]}"); fi
+  if [[ $SYSCALLS == 1 && $target != direct ]]; then calls=$(syscalls_stop); fi
 
   local tps lat conn tx failed
   tps=$(awk '/^tps = /{print $3; exit}' "$run_log")
@@ -497,6 +527,7 @@ run_one() {  # script mode clients target repeat
   fi
   awk -F, -v OFS=, -v hz="$CLK_TCK" -v tx="$tx" -v p0="$p0" -v p1="$p1" -v g0="$g0" -v g1="$g1" \
       -v m0="$m0" -v m1="$m1" -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" \
+      -v s0="$s0" -v s1="$s1" -v calls="$calls" \
       -v head="$script,$mode,$clients,$target,$rep,$tps,${lat:-nan},${conn:-nan},$tx,${failed:-0}" '
     function per_tx(s) { return (s == "nan" || tx == 0) ? "nan" : sprintf("%.2f", s * 1e6 / tx) }
     BEGIN {
@@ -514,7 +545,9 @@ run_one() {  # script mode clients target repeat
             (pcpu == "nan" ? "nan" : sprintf("%.1f", 100 * pcpu / wall)),
             (gcpu == "nan" ? "nan" : sprintf("%.3f", gcpu)), per_tx(gcpu), sprintf("%.3f", ccpu),
             (busy == "nan" ? "nan" : sprintf("%.1f", busy)), (other == "nan" ? "nan" : sprintf("%.1f", other)),
-            sprintf("%.2f", wall) }' >>"$OUT"
+            sprintf("%.2f", wall),
+            ((pcpu == "nan" || pcpu == 0 || s0 == "nan") ? "nan" : sprintf("%.1f", 100 * (s1 - s0) / hz / pcpu)),
+            ((calls == "nan" || tx == 0) ? "nan" : sprintf("%.2f", calls / tx)) }' >>"$OUT"
 }
 
 targets_for() {  # mode clients -> the targets that run it, in TARGETS order
