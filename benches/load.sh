@@ -234,11 +234,11 @@ syscalls_start() {  # pid-of-tree -> starts perf in the background, output in $W
   PERF_PID=$!
   sleep 0.2
 }
-syscalls_stop() {  # -> the count, or nan
+syscalls_stop() {  # -> the count, or nan, in CALLS (not via $(...): wait needs this shell)
   kill -INT "$PERF_PID" 2>/dev/null || true
   wait "$PERF_PID" 2>/dev/null || true
-  awk -F, '/raw_syscalls:sys_enter/ { print ($1 ~ /^[0-9]+$/) ? $1 : "nan"; found = 1 }
-           END { if (!found) print "nan" }' "$WORK/perf.out" 2>/dev/null || echo nan
+  CALLS=$(awk -F, '/raw_syscalls:sys_enter/ { print ($1 ~ /^[0-9]+$/) ? $1 : "nan"; found = 1 }
+           END { if (!found) print "nan" }' "$WORK/perf.out" 2>/dev/null || echo nan)
 }
 
 # ---------------------------------------------------------------- summary
@@ -513,7 +513,7 @@ run_one() {  # script mode clients target repeat
     -h 127.0.0.1 -p "${PORT[$target]}" -U bench bench >"$run_log" 2>&1 || true
   t1=$(now); c1=$(children_ticks); m1=$(machine_ticks); g1=$(tree_ticks "$PG_PID")
   p1=nan; if [[ $target != direct ]]; then p1=$(tree_ticks "${PID[$target]}"); s1=$(tree_sys_ticks "${PID[$target]}"); fi
-  if [[ $SYSCALLS == 1 && $target != direct ]]; then calls=$(syscalls_stop); fi
+  if [[ $SYSCALLS == 1 && $target != direct ]]; then syscalls_stop; calls=$CALLS; fi
 
   local tps lat conn tx failed
   tps=$(awk '/^tps = /{print $3; exit}' "$run_log")
