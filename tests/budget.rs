@@ -61,15 +61,7 @@ struct Seen {
 /// (what every instance logs in as) and the coordination connections, from a superuser
 /// connection over the Unix socket (not counted: another user and database).
 async fn sample(cluster: Arc<PgCluster>, budget: i64, stop: Arc<AtomicBool>) -> Seen {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host_path(cluster.socket_dir())
-        .port(cluster.port())
-        .user("postgres")
-        .dbname("postgres");
-    let client = within("sampler connects", connect(&config))
-        .await
-        .expect("sampler connection");
+    let client = superuser_connect(&cluster).await;
     let sql = "SELECT count(*) FILTER (WHERE application_name NOT LIKE 'floodgate/budget=%'), \
                count(*) FILTER (WHERE application_name LIKE 'floodgate/budget=%') \
                FROM pg_stat_activity WHERE backend_type = 'client backend' \

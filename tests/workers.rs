@@ -27,15 +27,7 @@ async fn four_workers_keep_the_pool_cap_under_500_clients() {
     };
     let proxy = start_binary(&proxy_toml(&cluster, &opts), "floodgate (4 workers)");
 
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host_path(cluster.socket_dir())
-        .port(cluster.port())
-        .user("postgres")
-        .dbname("postgres");
-    let sampler = within("sampler connects", connect(&config))
-        .await
-        .expect("sampler connection");
+    let sampler = superuser_connect(&cluster).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampling = {
         let stop = stop.clone();

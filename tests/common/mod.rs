@@ -641,3 +641,17 @@ pub async fn pgbench_init(cluster: &PgCluster) {
     let out = run_tool("pgbench", init).await;
     assert!(out.status.success(), "pgbench -i: {}", tool_text(&out));
 }
+
+/// A superuser session on `cluster` over its Unix socket (database `postgres`): for watching
+/// `pg_stat_activity` without being counted as user `app`.
+pub async fn superuser_connect(cluster: &PgCluster) -> Conn {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(cluster.socket_dir())
+        .port(cluster.port())
+        .user("postgres")
+        .dbname("postgres");
+    within("superuser connects", connect(&config))
+        .await
+        .expect("superuser connection over the Unix socket")
+}
