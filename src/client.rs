@@ -525,11 +525,15 @@ impl Session {
             self.scratch.shrink();
             self.shared.refresh_config(&mut self.config);
             let idle_timeout = self.config.floodgate.client_idle_timeout;
+            // Biased: the client's message is what usually wakes an idle session, and no random
+            // draw is needed to pick a branch.
             let idle = tokio::select! {
+                biased;
                 idle = self.wait_for_message(stream) => idle?,
                 _ = &mut stop => return Err(ClientError::Shutdown),
                 _ = &mut killed => return Err(ClientError::Killed),
-                _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() => {
+                // Lazy: the timer (and its clock read) exists only when the timeout is on.
+                _ = async { tokio::time::sleep(idle_timeout).await }, if !idle_timeout.is_zero() => {
                     return Err(ClientError::IdleTimeout);
                 }
             };
@@ -781,7 +785,8 @@ impl Session {
         server: Server,
         waited_us: u64,
     ) -> Result<bool, ClientError> {
-        let started = now_us();
+        let clock = std::time::Instant::now();
+        let started = crate::sessions::us_at(clock);
         self.info.set_state(ClientState::Active, started);
         self.info.request_time.store(started, Relaxed);
         self.info.server_pid.store(server.cancel.pid, Relaxed);
@@ -792,8 +797,15 @@ impl Session {
         }
         let mut held = Held(Some(server));
         let mut stats = TxStats::default();
-        let result = self.attached(stream, &mut held, &mut stats).await;
-        let now = now_us();
+        let result = self.attached(stream, &mut held, &mut stats, clock).await;
+        // A transaction released at its last ReadyForQuery ended when the relay last read the
+        // clock; anything else (session mode, errors) ends now.
+        let now = match (&result, stats.last_clock) {
+            (Ok(true), Some(clock)) if self.pool.mode == PoolMode::Transaction => {
+                crate::sessions::us_at(clock)
+            }
+            _ => now_us(),
+        };
         self.info.set_state(ClientState::Idle, now);
         self.info.server_pid.store(0, Relaxed);
         let prepared = self.statements.len() as u32;
@@ -809,6 +821,7 @@ impl Session {
         stream: &mut Stream,
         held: &mut Held,
         stats: &mut TxStats,
+        started: std::time::Instant,
     ) -> Result<bool, ClientError> {
         let Some(server) = held.0.as_mut() else {
             return Ok(true);
@@ -859,6 +872,7 @@ impl Session {
                 idle_transaction: self.config.floodgate.idle_transaction_timeout,
             },
             cancel: server_ref.cancel,
+            started,
             stats,
             query_duration: &self.pool.stats.metrics.query,
             telemetry: &self.shared.stats.telemetry,
@@ -1018,7 +1032,7 @@ impl Held {
     /// Closes the connection instead of returning it to the pool.
     fn close(&mut self) {
         if let Some(server) = self.0.take() {
-            drop(deadpool::managed::Object::take(server));
+            drop(crate::pool::Server::detach(server));
         }
     }
 }

@@ -136,6 +136,8 @@ pub struct Relay<'a> {
     pub timeouts: Timeouts,
     /// Where to send a CancelRequest when `query_timeout` fires.
     pub cancel: crate::server::CancelTarget,
+    /// When the attachment began: the first query's start (saves a clock read).
+    pub started: std::time::Instant,
     /// What this attachment did, for SHOW STATS.
     pub stats: &'a mut TxStats,
     /// Each query's time goes here (`/metrics`).
@@ -243,10 +245,13 @@ impl Relay<'_> {
             mut tracker,
             timeouts,
             cancel,
+            started,
             stats,
             query_duration,
             telemetry,
         } = self;
+        // The clock is read when a query starts and ends; the first start is `started`.
+        let mut first_start = Some(Instant::from_std(started));
         // When the query now running started (something awaits ReadyForQuery).
         let mut busy_since: Option<Instant> = None;
         // Made only when a timeout is configured: the default relay has no timer to keep.
@@ -371,15 +376,18 @@ impl Relay<'_> {
             }
             // Query time, for SHOW STATS: a clock read only when a query starts or ends.
             match (busy_since, tx.pending > 0) {
-                (None, true) => busy_since = Some(Instant::now()),
+                (None, true) => busy_since = Some(first_start.take().unwrap_or_else(Instant::now)),
                 (Some(since), false) => {
-                    let took = since.elapsed();
+                    let now = Instant::now();
+                    stats.last_clock = Some(now.into_std());
+                    let took = now.saturating_duration_since(since);
                     stats.query_us += took.as_micros() as u64;
                     query_duration.observe(took.as_secs_f64());
                     busy_since = None;
                 }
                 _ => {}
             }
+            first_start = None;
             if client_left {
                 return Outcome::ClientGone(abandoned(tx, &up, &down));
             }

@@ -196,7 +196,7 @@ pub async fn clean(
 /// `mid_message`: the server has part of a client message, so a Terminate would be read as the
 /// rest of it; only the end of the stream is sent then.
 pub async fn close(server: Server, state: TxState, mid_message: bool) {
-    let mut server = deadpool::managed::Object::take(server);
+    let mut server = crate::pool::Server::detach(server);
     server.closing(crate::metrics::CloseReason::ResetFailed);
     if state.pending > 0 || state.unsynced {
         let _ = server.cancel.send().await;

@@ -16,7 +16,12 @@ use atomic_waker::AtomicWaker;
 
 /// Microseconds since the process started: what the per-session timestamps hold.
 pub fn now_us() -> u64 {
-    started().elapsed().as_micros() as u64
+    us_at(Instant::now())
+}
+
+/// [`now_us`] for a clock reading already taken.
+pub fn us_at(at: Instant) -> u64 {
+    at.saturating_duration_since(started()).as_micros() as u64
 }
 
 /// When the process started (the first call).

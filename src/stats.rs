@@ -66,6 +66,9 @@ pub struct TxStats {
     pub query_us: u64,
     pub client_parses: u64,
     pub binds: u64,
+    /// The relay's last clock reading (when the last query ended), so the caller need not read
+    /// the clock again to close the transaction's books.
+    pub last_clock: Option<std::time::Instant>,
 }
 
 impl PoolStats {

@@ -288,3 +288,68 @@ async fn clients_beyond_max_client_conn_get_53300() {
     })
     .await;
 }
+
+/// The pool's queue is first come, first served, and a client that gives up while queued
+/// (its connection dropped, its wait timed out) passes its place on: the freed server goes to
+/// the next client in line, nothing is lost, and the pool never opens a second server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_is_fifo_and_a_client_that_gives_up_passes_its_place_on() {
+    use floodgate::sessions::ClientState;
+    let env = trust_env(1, &["query_wait_timeout = \"120s\""]).await;
+    let waiting = || {
+        env.proxy
+            .shared()
+            .sessions
+            .clients()
+            .iter()
+            .filter(|c| c.state() == ClientState::Waiting)
+            .count()
+    };
+    let holder = env.connect().await;
+    holder.batch_execute("BEGIN").await.expect("BEGIN");
+    scalar(&holder, "SELECT 1").await;
+
+    // Queued in this order: first, quitter (a raw socket that drops while queued), second.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut queued = Vec::new();
+    let mut quitter = None;
+    for name in ["first", "quitter", "second"] {
+        let before = waiting();
+        if name == "quitter" {
+            let mut raw = raw_login_trust(env.addr()).await;
+            send_raw(&mut raw, &query_message("SELECT 'quitter'")).await;
+            quitter = Some(raw);
+        } else {
+            let conn = env.connect().await;
+            let done = done_tx.clone();
+            queued.push(tokio::spawn(async move {
+                let value = scalar(&conn, &format!("SELECT '{name}'")).await;
+                let _ = done.send(value);
+                conn
+            }));
+        }
+        let what = format!("{name} queued");
+        wait_until(&what, || async { waiting() > before }).await;
+    }
+    drop(quitter);
+    wait_until("the quitter left the queue", || async { waiting() == 2 }).await;
+
+    holder.batch_execute("COMMIT").await.expect("COMMIT");
+    let first = within("first answer", done_rx.recv()).await;
+    let second = within("second answer", done_rx.recv()).await;
+    assert_eq!(
+        (first.as_deref(), second.as_deref()),
+        (Some("first"), Some("second")),
+        "clients were served out of their queue order"
+    );
+    for task in queued {
+        within("queued client", task).await.expect("client task");
+    }
+    let pool = env.proxy.shared().pool("app", "app").expect("pool");
+    assert_eq!(
+        pool.open_servers(),
+        1,
+        "the pool of one opened another server"
+    );
+    assert_eq!(env.backend_count().await, 1);
+}

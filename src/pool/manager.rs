@@ -1,10 +1,8 @@
-//! Creates and checks server connections for one pool (deadpool's `Manager`).
+//! Creates and checks server connections for one pool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 
 use crate::auth::upstream::Login;
 use crate::error::UpstreamError;
@@ -99,34 +97,25 @@ impl Manager {
     }
 }
 
-impl managed::Manager for Manager {
-    type Type = ServerConn;
-    type Error = UpstreamError;
-
-    async fn create(&self) -> Result<ServerConn, UpstreamError> {
-        // Boxed: deadpool keeps this future inside every checkout's, so each transaction would
-        // otherwise carry (and move) the space a login takes.
+impl Manager {
+    /// Opens a new server. Boxed: the login's future is large, and it would otherwise be part of
+    /// every checkout's future.
+    pub async fn create(&self) -> Result<ServerConn, UpstreamError> {
         Box::pin(self.open()).await
     }
 
-    /// No round trip here: a server is checked by looking at its socket (an idle server that has
-    /// anything to say has died or is about to), its flag and its age.
-    async fn recycle(&self, server: &mut ServerConn, _: &Metrics) -> RecycleResult<UpstreamError> {
-        if server.dirty {
-            server.closing(CloseReason::Killed);
-            return Err(RecycleError::message("returned in an unknown state"));
-        }
+    /// Whether an idle server may be handed out. No round trip: a server is checked by looking at
+    /// its socket (an idle server that has anything to say has died or is about to), its age and
+    /// its generation.
+    pub fn check(&self, server: &ServerConn) -> Result<(), CloseReason> {
         if !server.is_usable() {
-            server.closing(CloseReason::ClosedByServer);
-            return Err(RecycleError::message("closed by the server"));
+            return Err(CloseReason::ClosedByServer);
         }
         if !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime {
-            server.closing(CloseReason::Lifetime);
-            return Err(RecycleError::message("server_lifetime reached"));
+            return Err(CloseReason::Lifetime);
         }
         if server.generation != self.generation.load(Ordering::Acquire) {
-            server.closing(CloseReason::Reconnect);
-            return Err(RecycleError::message("RECONNECT or reload"));
+            return Err(CloseReason::Reconnect);
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 pub mod caps;
 pub mod manager;
+pub mod slots;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,8 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-use deadpool::managed::{Pool, PoolError, QueueMode, Timeouts};
 
 use crate::auth::UserStore;
 use crate::auth::upstream::Login;
@@ -23,14 +22,13 @@ use crate::stats::{PoolStats, Stats};
 use crate::switch::{Switch, Switches};
 use caps::Cap;
 pub use manager::{Manager, ServerDefaults};
+pub use slots::Server;
+use slots::{GetError, Slots};
 
 /// Pause between attempts to reach an upstream that is down (when no back-off says longer).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Shortest pause between attempts, so waiting clients never spin.
 const MIN_RETRY_PAUSE: Duration = Duration::from_millis(10);
-
-/// A checked-out server; dropping it returns the server to its pool.
-pub type Server = deadpool::managed::Object<Manager>;
 
 /// Why no server could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +50,9 @@ pub struct ServerPool {
     pub mode: PoolMode,
     /// `pool_size`; a reload may change it.
     size: AtomicUsize,
-    pool: Pool<Manager>,
+    pool: Arc<Slots>,
     /// Extra servers for clients that waited `reserve_pool_timeout` (`reserve_pool_size`).
-    reserve: Option<Pool<Manager>>,
+    reserve: Option<Arc<Slots>>,
     reserve_timeout: AtomicDuration,
     wait_timeout: AtomicDuration,
     /// Servers kept open even when idle (`min_pool_size`).
@@ -117,13 +115,6 @@ struct LiveSettings {
     reserve_timeout: Duration,
 }
 
-/// A checkout that does not queue: deadpool takes a free place with `try_acquire`, no timer.
-const NO_WAIT: Timeouts = Timeouts {
-    wait: Some(Duration::ZERO),
-    create: None,
-    recycle: None,
-};
-
 impl ServerPool {
     /// Waits (first come, first served) for a server, opening one if below the cap. A client
     /// that has waited `reserve_pool_timeout` may also take a reserve server, without losing its
@@ -154,16 +145,12 @@ impl ServerPool {
 
     /// One attempt of [`Self::checkout`].
     async fn checkout_once(&self, deadline: Option<Instant>) -> Result<Server, CheckoutError> {
-        // Fast path: a free place in the pool (an idle server, or room to open one) is taken
-        // without arming a timer. A free place means no one is queued (released places go to
-        // waiters first), so first come, first served still holds.
-        match self.pool.timeout_get(&NO_WAIT).await {
-            Ok(server) => return Ok(Self::taken(server)),
-            Err(PoolError::Timeout(_)) => {}
-            Err(e) => return Err(self.checkout_error(e)),
+        // Fast path: an idle server (or room to open one) is taken under one short lock, with no
+        // timer. The slots never let anyone overtake a client already queued.
+        if let Some(server) = self.pool.try_get().await.map_err(checkout_error)? {
+            return Ok(Self::taken(server));
         }
-        let main_timeouts = self.wait_until(deadline);
-        let main = self.pool.timeout_get(&main_timeouts);
+        let main = within(deadline, self.pool.get());
         tokio::pin!(main);
         let result = match &self.reserve {
             None => main.await,
@@ -171,16 +158,19 @@ impl ServerPool {
                 tokio::select! {
                     r = &mut main => r,
                     _ = tokio::time::sleep(self.reserve_timeout.get()) => {
-                        let reserve_timeouts = self.wait_until(deadline);
+                        // Still first in line for the main pool while also asking the reserve.
                         tokio::select! {
                             r = &mut main => r,
-                            r = reserve.timeout_get(&reserve_timeouts) => r,
+                            r = within(deadline, reserve.get()) => r,
                         }
                     }
                 }
             }
         };
-        result.map(Self::taken).map_err(|e| self.checkout_error(e))
+        match result {
+            Some(got) => got.map(Self::taken).map_err(checkout_error),
+            None => Err(CheckoutError::WaitTimeout(self.wait_timeout.get())),
+        }
     }
 
     /// A server just checked out: dirty until its client gives it back cleanly.
@@ -189,32 +179,13 @@ impl ServerPool {
         server
     }
 
-    fn checkout_error(&self, e: PoolError<UpstreamError>) -> CheckoutError {
-        match e {
-            PoolError::Timeout(_) => CheckoutError::WaitTimeout(self.wait_timeout.get()),
-            PoolError::Backend(e) => CheckoutError::Upstream(e),
-            _ => CheckoutError::Closed,
-        }
-    }
-
-    /// Timeouts for a wait that must end by `deadline` (`None`: no limit).
-    fn wait_until(&self, deadline: Option<Instant>) -> Timeouts {
-        Timeouts {
-            wait: deadline.map(|d| d.saturating_duration_since(Instant::now())),
-            create: None, // the manager bounds each connect by server_connect_timeout
-            recycle: None,
-        }
-    }
-
     /// A server if one is free or can be opened now, without queueing (`None` otherwise, also
     /// while the upstream cannot be reached: [`Self::checkout`] waits for it).
     pub async fn try_checkout(&self) -> Result<Option<Server>, CheckoutError> {
-        match self.pool.timeout_get(&NO_WAIT).await {
-            Ok(server) => Ok(Some(Self::taken(server))),
-            Err(PoolError::Timeout(_)) => Ok(None),
-            Err(PoolError::Backend(e)) if e.is_transient() => Ok(None),
-            Err(PoolError::Backend(e)) => Err(CheckoutError::Upstream(e)),
-            Err(_) => Err(CheckoutError::Closed),
+        match self.pool.try_get().await {
+            Ok(server) => Ok(server.map(Self::taken)),
+            Err(GetError::Upstream(e)) if e.is_transient() => Ok(None),
+            Err(e) => Err(checkout_error(e)),
         }
     }
 
@@ -230,12 +201,12 @@ impl ServerPool {
     }
 
     fn cached_defaults(&self) -> Option<ServerDefaults> {
-        self.pool.manager().defaults.lock().ok()?.clone()
+        self.pool.manager.defaults.lock().ok()?.clone()
     }
 
     /// Server connections open now (idle or in use), reserve included.
     pub fn open_servers(&self) -> usize {
-        self.pool.status().size + self.reserve.as_ref().map_or(0, |r| r.status().size)
+        self.pool.size() + self.reserve.as_ref().map_or(0, |r| r.size())
     }
 
     /// `pool_size` now.
@@ -249,7 +220,7 @@ impl ServerPool {
 
     /// Servers idle in the pool (reserve included).
     pub fn idle_servers(&self) -> usize {
-        self.pool.status().available + self.reserve.as_ref().map_or(0, |r| r.status().available)
+        self.pool.available() + self.reserve.as_ref().map_or(0, |r| r.available())
     }
 
     /// Servers held by clients (reserve included).
@@ -259,7 +230,7 @@ impl ServerPool {
 
     /// Reserve servers open.
     pub fn reserve_servers(&self) -> usize {
-        self.reserve.as_ref().map_or(0, |r| r.status().size)
+        self.reserve.as_ref().map_or(0, |r| r.size())
     }
 
     /// Server logins in progress.
@@ -318,9 +289,9 @@ impl ServerPool {
             (self.reserve.as_ref(), 0),
         ] {
             let Some(pool) = pool else { continue };
-            let mut may_idle_out = pool.status().size.saturating_sub(keep);
+            let mut may_idle_out = pool.size().saturating_sub(keep);
             let generation = self.generation();
-            pool.retain(|server, metrics| {
+            pool.retain(|server, idle_for| {
                 let expired =
                     !server.lifetime.is_zero() && server.created.elapsed() >= server.lifetime;
                 let reason = if expired {
@@ -336,7 +307,7 @@ impl ServerPool {
                     server.closing(reason);
                     return false;
                 }
-                let idle = !idle_timeout.is_zero() && metrics.last_used() >= idle_timeout;
+                let idle = !idle_timeout.is_zero() && idle_for >= idle_timeout;
                 if idle && may_idle_out > 0 {
                     may_idle_out -= 1;
                     server.closing(CloseReason::Idle);
@@ -367,7 +338,7 @@ impl ServerPool {
     /// (which opens the missing ones) and gives them back.
     async fn refill(&self) {
         let min_size = self.min_size.load(Ordering::Relaxed);
-        if self.pool.status().size >= min_size || self.is_retired() {
+        if self.pool.size() >= min_size || self.is_retired() {
             return;
         }
         let mut held = Vec::with_capacity(min_size);
@@ -388,6 +359,21 @@ impl ServerPool {
         if let Some(reserve) = &self.reserve {
             reserve.close();
         }
+    }
+}
+
+/// Bounds `wait` by `deadline` (`None`: no limit); `None` when the deadline came first.
+async fn within<T>(deadline: Option<Instant>, wait: impl Future<Output = T>) -> Option<T> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, wait).await.ok(),
+        None => Some(wait.await),
+    }
+}
+
+fn checkout_error(e: GetError) -> CheckoutError {
+    match e {
+        GetError::Upstream(e) => CheckoutError::Upstream(e),
+        GetError::Closed => CheckoutError::Closed,
     }
 }
 
@@ -570,16 +556,11 @@ impl Pools {
                 sessions: self.sessions.clone(),
                 stats: stats.clone(),
             };
-            Pool::builder(manager)
-                .max_size(size)
-                .queue_mode(QueueMode::Lifo)
-                .runtime(deadpool::Runtime::Tokio1)
-                .build()
-                .ok()
+            Slots::new(manager, size)
         };
         let reserve = match spec.reserve_size {
             0 => None,
-            n => Some(build(n)?),
+            n => Some(build(n)),
         };
         let pool = Arc::new(ServerPool {
             name: format!("{db}/{upstream_user}"),
@@ -587,7 +568,7 @@ impl Pools {
             user: upstream_user.clone(),
             mode: spec.mode,
             size: AtomicUsize::new(live.size),
-            pool: build(live.size)?,
+            pool: build(live.size),
             reserve,
             reserve_timeout: AtomicDuration::new(live.reserve_timeout),
             wait_timeout: AtomicDuration::new(live.wait_timeout),
