@@ -509,14 +509,13 @@ enum Idle {
 impl Session {
     /// The transaction loop, until the client leaves.
     async fn run(mut self: Box<Self>, stream: &mut Stream) -> Result<(), ClientError> {
-        let mut shutdown = self.shared.shutdown.subscribe();
-        // One future for the whole session, not one registration per transaction.
-        let stop = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        tokio::pin!(stop);
         let info = self.info.info.clone();
-        // KILL: watched while idle and during transactions (a lock-free flag).
+        // Shutdown and KILL: lock-free flags, cheap to poll at every wake-up. A session that
+        // starts after the shutdown began sees the proxy-wide flag instead of its own.
+        if *self.shared.shutdown.borrow() {
+            return Err(ClientError::Shutdown);
+        }
+        let mut stop = std::pin::pin!(info.stop.fired());
         let mut killed = std::pin::pin!(info.kill.fired());
         loop {
             // Between transactions a client holds no buffer (unless it sent more already).

@@ -167,7 +167,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     };
     if mode != StopMode::WaitForClients {
+        // The flag first: a client registered after the loop below sees it when its session
+        // starts; every one registered before is told through its own lock-free flag.
         shared.shutdown.send_replace(true);
+        for client in shared.sessions.clients() {
+            client.stop.fire();
+        }
     }
     let all_gone = async { while sessions.join_next().await.is_some() {} };
     let timed_out = match grace {

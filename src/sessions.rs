@@ -112,6 +112,8 @@ pub struct ClientInfo {
     /// Named statements it has prepared.
     pub prepared_statements: AtomicU32,
     pub kill: Kill,
+    /// Shutdown: close when idle (fired for every client by the stopping proxy).
+    pub stop: Kill,
 }
 
 impl ClientInfo {
@@ -263,6 +265,7 @@ impl Sessions {
             server_pid: AtomicI32::new(0),
             prepared_statements: AtomicU32::new(0),
             kill: Kill::default(),
+            stop: Kill::default(),
         });
         lock(&self.clients).insert(info.id, Arc::downgrade(&info));
         Registered {

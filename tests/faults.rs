@@ -355,3 +355,31 @@ async fn restart_under_load_fails_only_transactions_in_flight() {
         "{failed_clients} clients failed; at most one per server ({POOL}) was in flight"
     );
 }
+
+/// Shutdown closes idle clients at once (each session's own stop flag), without waiting for
+/// `shutdown_timeout`; a client that logged in before and sat idle finds its connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_clients_without_waiting_for_the_timeout() {
+    let opts = ProxyOpts {
+        pool_size: 2,
+        extra: vec!["shutdown_timeout = \"3600s\"".into()],
+        ..ProxyOpts::default()
+    };
+    let env = Env::start(HbaAuth::ScramSha256, opts).await;
+    let idle: Vec<Conn> = futures_util::future::join_all((0..3).map(|_| env.connect())).await;
+    for c in &idle {
+        scalar(c, "SELECT 1").await;
+    }
+    let Env {
+        cluster: _cluster,
+        proxy,
+    } = env;
+    // Within the test timeout, far below shutdown_timeout: only closing idle clients ends it.
+    within("shutdown with idle clients", proxy.shutdown()).await;
+    for c in &idle {
+        assert!(
+            c.simple_query("SELECT 1").await.is_err(),
+            "an idle client's connection outlived the shutdown"
+        );
+    }
+}
