@@ -145,17 +145,15 @@ impl ServerPool {
 
     /// One attempt of [`Self::checkout`].
     async fn checkout_once(&self, deadline: Option<Instant>) -> Result<Server, CheckoutError> {
-        // Fast path: an idle server (or room to open one) is taken under one short lock, with no
-        // timer. The slots never let anyone overtake a client already queued.
-        if let Some(server) = self.pool.try_get().await.map_err(checkout_error)? {
-            return Ok(Self::taken(server));
-        }
+        // An idle server (or room to open one) is taken at once, under one short lock; the
+        // timer is only polled, and so armed, when the client has to queue.
         let main = within(deadline, self.pool.get());
         tokio::pin!(main);
         let result = match &self.reserve {
             None => main.await,
             Some(reserve) => {
                 tokio::select! {
+                    biased; // a free place first: no timer when nobody has to wait
                     r = &mut main => r,
                     _ = tokio::time::sleep(self.reserve_timeout.get()) => {
                         // Still first in line for the main pool while also asking the reserve.

@@ -348,6 +348,14 @@ pub(super) fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
 /// The name in a single `DEALLOCATE [PREPARE] name` statement (a Query body), unquoted and
 /// case-folded as PostgreSQL would; `None` for anything else (including `DEALLOCATE ALL`).
 pub(super) fn deallocate_target(body: &[u8]) -> Option<String> {
+    // Nearly every query is something else: tell from the first word, before any UTF-8 check.
+    let first = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if !body[first..]
+        .get(..10)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"DEALLOCATE"))
+    {
+        return None;
+    }
     let mut pos = 0;
     let sql = cstr(body, &mut pos)?
         .trim()
