@@ -147,7 +147,7 @@ impl ServerPool {
     async fn checkout_once(&self, deadline: Option<Instant>) -> Result<Server, CheckoutError> {
         // An idle server (or room to open one) is taken at once, under one short lock; the
         // timer is only polled, and so armed, when the client has to queue.
-        let main = within(deadline, self.pool.get());
+        let main = self.pool.get(deadline);
         tokio::pin!(main);
         let result = match &self.reserve {
             None => main.await,
@@ -159,15 +159,20 @@ impl ServerPool {
                         // Still first in line for the main pool while also asking the reserve.
                         tokio::select! {
                             r = &mut main => r,
-                            r = within(deadline, reserve.get()) => r,
+                            r = reserve.get(deadline) => r,
                         }
                     }
                 }
             }
         };
-        match result {
-            Some(got) => got.map(Self::taken).map_err(checkout_error),
-            None => Err(CheckoutError::WaitTimeout(self.wait_timeout.get())),
+        result.map(Self::taken).map_err(|e| self.checkout_error(e))
+    }
+
+    fn checkout_error(&self, e: GetError) -> CheckoutError {
+        match e {
+            GetError::Upstream(e) => CheckoutError::Upstream(e),
+            GetError::Timeout => CheckoutError::WaitTimeout(self.wait_timeout.get()),
+            GetError::Closed => CheckoutError::Closed,
         }
     }
 
@@ -183,7 +188,7 @@ impl ServerPool {
         match self.pool.try_get().await {
             Ok(server) => Ok(server.map(Self::taken)),
             Err(GetError::Upstream(e)) if e.is_transient() => Ok(None),
-            Err(e) => Err(checkout_error(e)),
+            Err(e) => Err(self.checkout_error(e)),
         }
     }
 
@@ -357,21 +362,6 @@ impl ServerPool {
         if let Some(reserve) = &self.reserve {
             reserve.close();
         }
-    }
-}
-
-/// Bounds `wait` by `deadline` (`None`: no limit); `None` when the deadline came first.
-async fn within<T>(deadline: Option<Instant>, wait: impl Future<Output = T>) -> Option<T> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, wait).await.ok(),
-        None => Some(wait.await),
-    }
-}
-
-fn checkout_error(e: GetError) -> CheckoutError {
-    match e {
-        GetError::Upstream(e) => CheckoutError::Upstream(e),
-        GetError::Closed => CheckoutError::Closed,
     }
 }
 

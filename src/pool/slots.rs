@@ -52,6 +52,8 @@ struct State {
 #[derive(Debug)]
 pub enum GetError {
     Upstream(UpstreamError),
+    /// No place came free before the deadline.
+    Timeout,
     Closed,
 }
 
@@ -102,15 +104,30 @@ impl Slots {
         }
     }
 
-    /// A server, waiting (first come, first served) for one to be free when the pool is full.
-    /// Cancel-safe: a place handed to a waiter that has gone is passed on.
-    pub async fn get(self: &Arc<Self>) -> Result<Server, GetError> {
+    /// A server, waiting (first come, first served) until `deadline` (`None`: no limit) for a
+    /// place when the pool is full. The deadline bounds the queue, not the login that follows
+    /// (the manager bounds that by `server_connect_timeout`, whose error says more). Only a
+    /// client that queues arms a timer. Cancel-safe: a place handed to a waiter that has gone
+    /// is passed on.
+    pub async fn get(
+        self: &Arc<Self>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Server, GetError> {
         let conn = match self.find(true)? {
             Found::Place(conn) => conn,
-            Found::Queued(rx) => match (Waiting { rx, slots: self }).granted().await? {
-                Grant::Server(conn) => Some(conn),
-                Grant::Room => None,
-            },
+            Found::Queued(rx) => {
+                let granted = (Waiting { rx, slots: self }).granted();
+                let grant = match deadline {
+                    None => granted.await?,
+                    Some(deadline) => tokio::time::timeout_at(deadline, granted)
+                        .await
+                        .map_err(|_| GetError::Timeout)??,
+                };
+                match grant {
+                    Grant::Server(conn) => Some(conn),
+                    Grant::Room => None,
+                }
+            }
             Found::Busy => unreachable!("a queueing checkout is never refused"),
         };
         self.fill(conn).await
