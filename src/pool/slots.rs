@@ -115,19 +115,10 @@ impl Slots {
     ) -> Result<Server, GetError> {
         let conn = match self.find(true)? {
             Found::Place(conn) => conn,
-            Found::Queued(rx) => {
-                let granted = (Waiting { rx, slots: self }).granted();
-                let grant = match deadline {
-                    None => granted.await?,
-                    Some(deadline) => tokio::time::timeout_at(deadline, granted)
-                        .await
-                        .map_err(|_| GetError::Timeout)??,
-                };
-                match grant {
-                    Grant::Server(conn) => Some(conn),
-                    Grant::Room => None,
-                }
-            }
+            Found::Queued(rx) => match (Waiting { rx, slots: self }).granted(deadline).await? {
+                Grant::Server(conn) => Some(conn),
+                Grant::Room => None,
+            },
             Found::Busy => unreachable!("a queueing checkout is never refused"),
         };
         self.fill(conn).await
@@ -328,10 +319,18 @@ struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
-    /// The place, once handed over (the pool closed: an error). Once received it is the
-    /// caller's, and the drop below finds nothing to pass on.
-    async fn granted(mut self) -> Result<Grant, GetError> {
-        (&mut self.rx).await.map_err(|_| GetError::Closed)
+    /// The place, once handed over by `deadline` (`None`: no limit; the pool closed: an error).
+    /// Once received it is the caller's, and the drop below finds nothing to pass on; a waiter
+    /// that times out is dropped, and so passes on a place handed to it meanwhile.
+    async fn granted(mut self, deadline: Option<tokio::time::Instant>) -> Result<Grant, GetError> {
+        let place = &mut self.rx;
+        let got = match deadline {
+            None => place.await,
+            Some(deadline) => tokio::time::timeout_at(deadline, place)
+                .await
+                .map_err(|_| GetError::Timeout)?,
+        };
+        got.map_err(|_| GetError::Closed)
     }
 }
 
