@@ -19,6 +19,9 @@
 //!   renamed to the proxy's `__fg_` name when the server has the statement, with a Parse added
 //!   (and its ParseComplete swallowed) when it does not, and a client's named Parse answered by
 //!   the proxy itself; plus the rewrite of one Bind alone;
+//! - `sql`: [`sql::leftovers`], the scan of a simple Query's text for session state it may
+//!   leave (run once per Query message and per Parse): pgbench's TPC-B statements, and an
+//!   ORM-style query with quoted identifiers, a string literal and a comment;
 //! - `pool`: one checkout of a server from a real pool and its return (a throwaway PostgreSQL
 //!   cluster and an in-process proxy; skipped when PostgreSQL's binaries are not installed).
 //!
@@ -33,7 +36,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use floodgate::protocol::frame::{self, Item, Scanner};
 use floodgate::protocol::pipeline::{ClientAction, Scratch, ServerAction, Tracker};
 use floodgate::protocol::prepared::{ClientStatements, Registry, ServerStatements};
-use floodgate::protocol::sql::Leftovers;
+use floodgate::protocol::sql::{self, Leftovers};
 
 /// `max_packet_size`'s default.
 const MAX_LEN: usize = 1_073_741_823;
@@ -488,6 +491,50 @@ fn prepared_benches(c: &mut Criterion) {
     group.finish();
 }
 
+fn sql_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sql");
+    let tpcb: [&[u8]; 7] = [
+        b"BEGIN;",
+        b"UPDATE pgbench_accounts SET abalance = abalance + -2345 WHERE aid = 512345;",
+        b"SELECT abalance FROM pgbench_accounts WHERE aid = 512345;",
+        b"UPDATE pgbench_tellers SET tbalance = tbalance + -2345 WHERE tid = 37;",
+        b"UPDATE pgbench_branches SET bbalance = bbalance + -2345 WHERE bid = 4;",
+        b"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+          VALUES (37, 4, 512345, -2345, CURRENT_TIMESTAMP);",
+        b"END;",
+    ];
+    let orm: &[u8] = b"SELECT \"users\".\"id\", \"users\".\"email\", \"users\".\"created_at\" \
+        FROM \"users\" /* loaded by UserRepository */ WHERE \"users\".\"status\" = 'active' \
+        AND \"users\".\"org_id\" = $1 ORDER BY \"users\".\"created_at\" DESC LIMIT 50";
+    for text in tpcb.iter().chain([&orm]) {
+        assert_eq!(
+            sql::leftovers(text),
+            Leftovers::NONE,
+            "{}",
+            String::from_utf8_lossy(text)
+        );
+    }
+    assert_eq!(
+        sql::leftovers(b"set search_path = app"),
+        Leftovers::SETTINGS
+    );
+    group.throughput(Throughput::Elements(tpcb.len() as u64));
+    group.bench_function("leftovers/tpcb_txn", |b| {
+        b.iter(|| {
+            let mut found = Leftovers::NONE;
+            for text in &tpcb {
+                found |= sql::leftovers(black_box(text));
+            }
+            found
+        })
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("leftovers/orm_query", |b| {
+        b.iter(|| sql::leftovers(black_box(orm)))
+    });
+    group.finish();
+}
+
 /// A PostgreSQL cluster and a proxy in front of it, started the first time the pool benchmark
 /// runs (not at all when a filter leaves it out).
 struct Upstream {
@@ -572,6 +619,7 @@ criterion_group!(
     frame_benches,
     pipeline_benches,
     prepared_benches,
+    sql_benches,
     pool_benches
 );
 criterion_main!(benches);
