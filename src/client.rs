@@ -404,7 +404,6 @@ async fn login(
     }
 
     let ip = stream
-        .tcp()
         .peer_addr()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     if let Some(left) = shared.lockout.banned(ip) {
@@ -479,8 +478,8 @@ async fn login(
             .to_owned(),
         user,
         database,
-        addr: stream.tcp().peer_addr().unwrap_or(unknown),
-        local_addr: stream.tcp().local_addr().unwrap_or(unknown),
+        addr: stream.peer_addr().unwrap_or(unknown),
+        local_addr: stream.local_addr().unwrap_or(unknown),
         tls: stream.tls_description(),
     });
     pool.stats.add(crate::stats::idx::LOGINS, 1);

@@ -443,6 +443,8 @@ impl std::fmt::Debug for User {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
+    /// A host name or IP address, or a directory (starting with `/`) where PostgreSQL's Unix
+    /// socket `.s.PGSQL.<port>` lives, as in libpq and PgBouncer.
     #[serde(default = "default_host")]
     pub host: String,
     #[serde(default = "default_port")]
@@ -675,6 +677,13 @@ impl Config {
             }
             if db.host.is_empty() {
                 return invalid(format!("[databases.{name}] host must not be empty"));
+            }
+            if db.host.starts_with('@') {
+                return invalid(format!(
+                    "[databases.{name}] host = \"{}\": abstract-namespace Unix sockets are not \
+                     supported; give the socket's directory (e.g. \"/var/run/postgresql\") or a host",
+                    db.host
+                ));
             }
         }
         Ok(())

@@ -2,23 +2,54 @@
 //! what it runs.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::auth::upstream::{self, Login};
 use crate::error::UpstreamError;
 use crate::params::{Names, Params};
 use crate::protocol::sql::Leftovers;
 
+/// The Unix socket PostgreSQL listens on for `addr` (`host:port`) when its host is a directory
+/// (starts with `/`, as in libpq and PgBouncer): `<dir>/.s.PGSQL.<port>`. `None` for TCP.
+pub fn unix_socket_path(addr: &str) -> Option<PathBuf> {
+    let (host, port) = addr.rsplit_once(':')?;
+    host.starts_with('/')
+        .then(|| Path::new(host).join(format!(".s.PGSQL.{port}")))
+}
+
+/// The same path for the life of the process, so a [`CancelTarget`] stays `Copy` (it is copied
+/// into the cancel registry on every transaction). One entry per distinct socket path the
+/// configuration has named, so the set stays as small as the configuration.
+fn interned(path: PathBuf) -> &'static Path {
+    static PATHS: Mutex<Vec<&'static Path>> = Mutex::new(Vec::new());
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = paths.iter().find(|p| **p == path) {
+        return known;
+    }
+    let leaked: &'static Path = Box::leak(path.into_boxed_path());
+    paths.push(leaked);
+    leaked
+}
+
+/// Where a server connection's CancelRequest must go: the address it is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelAddr {
+    Tcp(SocketAddr),
+    Unix(&'static Path),
+}
+
 /// Where and how to cancel what a server connection is running.
 #[derive(Debug, Clone, Copy)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: CancelAddr,
     pub pid: i32,
     pub secret: i32,
 }
@@ -28,9 +59,24 @@ impl CancelTarget {
     pub async fn send(self) -> std::io::Result<()> {
         let mut buf = BytesMut::with_capacity(16);
         frontend::cancel_request(self.pid, self.secret, &mut buf);
-        let mut stream =
-            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr)).await??;
-        stream.write_all(&buf).await?;
+        let limit = Duration::from_secs(5);
+        match self.addr {
+            CancelAddr::Tcp(addr) => {
+                let stream = tokio::time::timeout(limit, TcpStream::connect(addr)).await??;
+                Self::deliver(stream, &buf).await
+            }
+            CancelAddr::Unix(path) => {
+                let stream = tokio::time::timeout(limit, UnixStream::connect(path)).await??;
+                Self::deliver(stream, &buf).await
+            }
+        }
+    }
+
+    async fn deliver<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+        mut stream: S,
+        request: &[u8],
+    ) -> std::io::Result<()> {
+        stream.write_all(request).await?;
         // PostgreSQL closes the connection once it has the request; wait for that so the cancel
         // has been read before we return.
         let mut sink = [0u8; 16];
@@ -88,6 +134,28 @@ impl Drop for ServerConn {
 }
 
 impl ServerConn {
+    /// The socket to `login.addr`: TCP (then TLS as `server_tls_sslmode` says), or the Unix
+    /// socket in the directory the host names. TLS is never asked for over a Unix socket, as
+    /// libpq and PgBouncer do not: the connection does not leave the machine.
+    async fn open(login: &Login) -> Result<(crate::stream::Stream, CancelAddr), UpstreamError> {
+        let failed = |source| UpstreamError::Connect {
+            addr: login.addr.clone(),
+            source,
+        };
+        if let Some(path) = unix_socket_path(&login.addr) {
+            let stream = UnixStream::connect(&path).await.map_err(failed)?;
+            return Ok((
+                crate::stream::Stream::Unix(stream),
+                CancelAddr::Unix(interned(path)),
+            ));
+        }
+        let stream = TcpStream::connect(&login.addr).await.map_err(failed)?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let stream = crate::tls::connect::negotiate(stream, &login.tls, &login.addr).await?;
+        Ok((stream, CancelAddr::Tcp(addr)))
+    }
+
     /// Connects and logs in; also returns every parameter the server reported at login.
     pub async fn connect(
         login: &Login,
@@ -95,17 +163,7 @@ impl ServerConn {
         names: Names,
     ) -> Result<(ServerConn, Vec<(String, String)>), UpstreamError> {
         let attempt = async {
-            let stream =
-                TcpStream::connect(&login.addr)
-                    .await
-                    .map_err(|source| UpstreamError::Connect {
-                        addr: login.addr.clone(),
-                        source,
-                    })?;
-            stream.set_nodelay(true)?;
-            let addr = stream.peer_addr()?;
-            let mut stream =
-                crate::tls::connect::negotiate(stream, &login.tls, &login.addr).await?;
+            let (mut stream, addr) = Self::open(login).await?;
             let done = upstream::login(&mut stream, login).await?;
             Ok::<_, UpstreamError>((stream, done, addr))
         };
@@ -243,4 +301,32 @@ pub enum ApplyError {
     Rejected { code: String, message: String },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_host_names_postgres_unix_socket() {
+        assert_eq!(
+            unix_socket_path("/var/run/postgresql:5433"),
+            Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433"))
+        );
+        assert_eq!(unix_socket_path("127.0.0.1:5432"), None);
+        assert_eq!(unix_socket_path("db.example.com:5432"), None);
+        assert_eq!(unix_socket_path("[::1]:5432"), None);
+    }
+
+    #[test]
+    fn socket_paths_are_interned_once() {
+        let a = interned(PathBuf::from("/tmp/fg-intern-test/.s.PGSQL.1"));
+        let b = interned(PathBuf::from("/tmp/fg-intern-test/.s.PGSQL.1"));
+        assert!(
+            std::ptr::eq(a, b),
+            "the same path gives the same &'static Path"
+        );
+        let c = interned(PathBuf::from("/tmp/fg-intern-test/.s.PGSQL.2"));
+        assert_ne!(a, c);
+    }
 }

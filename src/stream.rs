@@ -1,4 +1,5 @@
-//! A connection's byte stream: plain TCP, or TLS over it (towards a client, or towards a server).
+//! A connection's byte stream: plain TCP, TLS over it (towards a client, or towards a server), or
+//! a Unix socket to a PostgreSQL on the same machine.
 //! An enum rather than a boxed trait object: the plain path pays one branch, no indirection.
 //!
 //! TLS writes are write-through: `poll_write` reports bytes written only once their TLS records
@@ -12,11 +13,13 @@ use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// One connection, plain or encrypted.
 pub enum Stream {
     Plain(TcpStream),
+    /// To a server whose host is a socket directory (never TLS).
+    Unix(UnixStream),
     /// TLS with a client: Floodgate is the TLS server.
     FromClient(Box<Tls<tokio_rustls::server::TlsStream<TcpStream>>>),
     /// TLS with an upstream PostgreSQL: Floodgate is the TLS client.
@@ -41,16 +44,27 @@ impl<S> Tls<S> {
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
+        !matches!(self, Stream::Plain(_) | Stream::Unix(_))
     }
 
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath (`None` for a Unix socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::FromClient(t) => t.inner.get_ref().0,
-            Stream::ToServer(t) => t.inner.get_ref().0,
+            Stream::Plain(s) => Some(s),
+            Stream::Unix(_) => None,
+            Stream::FromClient(t) => Some(t.inner.get_ref().0),
+            Stream::ToServer(t) => Some(t.inner.get_ref().0),
         }
+    }
+
+    /// The peer's address, for logs and SHOW CLIENTS (`None` for a Unix socket).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp()?.peer_addr().ok()
+    }
+
+    /// This end's address (`None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp()?.local_addr().ok()
     }
 
     /// The ALPN protocol the client and Floodgate agreed on, if any.
@@ -64,7 +78,7 @@ impl Stream {
     /// SHOW CLIENTS / SHOW SERVERS `tls` column: protocol and cipher suite, empty for plain.
     pub fn tls_description(&self) -> String {
         let (version, suite) = match self {
-            Stream::Plain(_) => return String::new(),
+            Stream::Plain(_) | Stream::Unix(_) => return String::new(),
             Stream::FromClient(t) => {
                 let c = t.inner.get_ref().1;
                 (c.protocol_version(), c.negotiated_cipher_suite())
@@ -100,7 +114,12 @@ impl Stream {
     /// without reading them (PostgreSQL sends no TLS housekeeping to an idle connection).
     pub fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let tcp = self.tcp();
+        let tcp = match self {
+            Stream::Unix(s) => return Self::unix_is_usable(s, &mut cx),
+            Stream::Plain(s) => s,
+            Stream::FromClient(t) => t.inner.get_ref().0,
+            Stream::ToServer(t) => t.inner.get_ref().0,
+        };
         match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
@@ -122,6 +141,23 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// [`Self::is_usable`] for a Unix socket: readable means closed or unasked-for bytes.
+    fn unix_is_usable(s: &UnixStream, cx: &mut Context<'_>) -> bool {
+        match s.poll_read_ready(cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                match s.try_read(&mut probe) {
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                }
+            }
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -130,6 +166,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::FromClient(t) => Pin::new(&mut t.inner).poll_read(cx, buf),
             Stream::ToServer(t) => Pin::new(&mut t.inner).poll_read(cx, buf),
         }
@@ -155,6 +192,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::FromClient(t) => t.poll_write_through(cx, buf),
             Stream::ToServer(t) => t.poll_write_through(cx, buf),
         }
@@ -163,6 +201,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::FromClient(t) => Pin::new(&mut t.inner).poll_flush(cx),
             Stream::ToServer(t) => Pin::new(&mut t.inner).poll_flush(cx),
         }
@@ -171,6 +210,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::FromClient(t) => Pin::new(&mut t.inner).poll_shutdown(cx),
             Stream::ToServer(t) => Pin::new(&mut t.inner).poll_shutdown(cx),
         }

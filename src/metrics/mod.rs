@@ -233,9 +233,15 @@ async fn check_ready(shared: &Shared) -> Result<(), String> {
             },
             None => {
                 let addr = format!("{}:{}", db.host, db.port);
+                let connected = async {
+                    match crate::server::unix_socket_path(&addr) {
+                        Some(path) => tokio::net::UnixStream::connect(path).await.map(drop),
+                        None => tokio::net::TcpStream::connect(addr).await.map(drop),
+                    }
+                };
                 matches!(
-                    tokio::time::timeout(READY_CHECK, tokio::net::TcpStream::connect(addr)).await,
-                    Ok(Ok(_))
+                    tokio::time::timeout(READY_CHECK, connected).await,
+                    Ok(Ok(()))
                 )
             }
         };

@@ -153,7 +153,7 @@ impl Manager {
             database: self.login.db_key.clone(),
             user: self.login.user.clone(),
             addr: self.login.addr.clone(),
-            local_addr: server.stream.tcp().local_addr().ok(),
+            local_addr: server.stream.local_addr(),
             remote_pid: server.cancel.pid,
             tls: server.stream.tls_description(),
         }));
