@@ -52,6 +52,9 @@
 #                  ssl = on, PgBouncer and Floodgate client_tls_sslmode = require, all with one
 #                  self-signed certificate (openssl) made for the run; both proxies use
 #                  server_tls_sslmode = prefer, so their server connections are encrypted too [0]
+#   UPSTREAM       how every proxy reaches PostgreSQL: tcp (127.0.0.1) or unix (the cluster's
+#                  socket directory, PgBouncer's and Floodgate's `host` set to it; a PROXY_CONFIG
+#                  template gets it as {PG_HOST}) [tcp]
 #   SYSCALLS       1 = also count each proxy's system calls per transaction (perf stat on the
 #                  raw_syscalls:sys_enter tracepoint; costs the proxies a little CPU) [0]
 #   FLOODGATE_BIN  path to a floodgate binary; runs it as target `floodgate` with a config
@@ -65,6 +68,8 @@
 #                  are also exported as environment variables):
 #                    {PORT}     port it must listen on, on 127.0.0.1        (env PROXY_PORT)
 #                    {PG_PORT}  PostgreSQL's port on 127.0.0.1              (env PG_PORT)
+#                    {PG_HOST}  where to reach it: 127.0.0.1, or its socket directory with
+#                               UPSTREAM=unix                              (env PG_HOST)
 #                    {POOL}     server pool size to use                     (env POOL_SIZE)
 #                    {MAX_CLIENT_CONN} client connection cap                (env MAX_CLIENT_CONN)
 #                    {DIR}      the temp dir, for logs/sockets/pid files    (env BENCH_DIR)
@@ -371,6 +376,11 @@ PG_STARTED=1
 PID[direct]=$(head -1 "$WORK/data/postmaster.pid")   # postmaster: its tree is the whole cluster
 PORT[direct]=$PG_PORT
 PG_PID=${PID[direct]}
+case ${UPSTREAM:-tcp} in
+  tcp) PG_HOST=127.0.0.1 ;;
+  unix) PG_HOST=$WORK ;;
+  *) echo "UPSTREAM must be tcp or unix, not $UPSTREAM" >&2; exit 2 ;;
+esac
 
 pg_admin() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"; }
 pg_admin -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" postgres
@@ -392,7 +402,7 @@ start_pgbouncer() {
   echo '"bench" "bench"' >"$WORK/userlist.txt"   # trust still requires the user to be listed
   cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=$PG_HOST port=$PG_PORT dbname=bench
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -424,9 +434,10 @@ EOF
 }
 
 # ---------------------------------------------------------------- proxies under test
-fill_placeholders() {  # text port conf -> text with {PORT} {PG_PORT} {POOL} {MAX_CLIENT_CONN} {DIR} {CONFIG} replaced
+fill_placeholders() {  # text port conf -> text with {PORT} {PG_PORT} {PG_HOST} {POOL} {MAX_CLIENT_CONN} {DIR} {CONFIG} replaced
   local s=$1
   s=${s//\{PORT\}/$2}; s=${s//\{PG_PORT\}/$PG_PORT}; s=${s//\{POOL\}/$POOL}
+  s=${s//\{PG_HOST\}/$PG_HOST}
   s=${s//\{MAX_CLIENT_CONN\}/$MAX_CLIENT_CONN}; s=${s//\{DIR\}/$WORK}; s=${s//\{CONFIG\}/$3}
   printf '%s' "$s"
 }
@@ -441,7 +452,7 @@ start_proxy() {  # name command-template config-template-text(may be empty)
   cmd=$(fill_placeholders "$2" "$port" "$conf")
   echo "$cmd" >"$WORK/$name.cmd"
   (
-    export PROXY_PORT=$port PG_PORT POOL_SIZE=$POOL MAX_CLIENT_CONN BENCH_DIR=$WORK PROXY_CONFIG_FILE=$conf
+    export PROXY_PORT=$port PG_PORT PG_HOST POOL_SIZE=$POOL MAX_CLIENT_CONN BENCH_DIR=$WORK PROXY_CONFIG_FILE=$conf
     exec bash -c "$cmd"
   ) >"$WORK/$name.log" 2>&1 &
   PID[$name]=$!; STARTED+=("$!"); PORT[$name]=$port
@@ -465,7 +476,7 @@ name = "bench"
 password = "bench"
 
 [databases.bench]
-host = "127.0.0.1"
+host = "{PG_HOST}"
 port = {PG_PORT}
 dbname = "bench"
 '
@@ -592,6 +603,6 @@ done
 
 
 print_summary "$OUT" "$SUMMARY"
-echo "medians of $REPEATS runs x ${DURATION}s, pgbench -j $THREADS, pool $POOL, scale $SCALE, $(nproc) cores;" \
+echo "medians of $REPEATS runs x ${DURATION}s, pgbench -j $THREADS, pool $POOL, scale $SCALE, upstream ${UPSTREAM:-tcp}, $(nproc) cores;" \
   "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), PgBouncer $PGBOUNCER_VERSION"
 echo "every run: $OUT   medians: $SUMMARY"

@@ -229,7 +229,7 @@ fn why_not(key: &str) -> &'static str {
         }
         "pidfile" | "user" => "run Floodgate under your service manager",
         "unix_socket_dir" | "unix_socket_mode" | "unix_socket_group" => {
-            "Floodgate listens on TCP only"
+            "Floodgate listens on TCP only (databases without a host still reach PostgreSQL over unix_socket_dir)"
         }
         k if k.starts_with("client_tls_") || k.starts_with("server_tls_") => {
             "rustls chooses key-exchange groups itself (no ECDH curve or DH parameters to set)"
@@ -264,6 +264,13 @@ pub fn import(ini: &Path, userlist: Option<&Path>) -> Result<Imported, String> {
     let mut general: Vec<String> = Vec::new();
     let mut databases: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let (mut listen_addr, mut listen_port) = ("127.0.0.1".to_owned(), "6432".to_owned());
+    // PgBouncer reaches a database with no `host` over the Unix socket in `unix_socket_dir`
+    // (default /tmp; empty turns Unix sockets off).
+    let socket_dir = entries
+        .iter()
+        .rev()
+        .find(|(section, key, _)| section == "pgbouncer" && key == "unix_socket_dir")
+        .map_or("/tmp", |(_, _, value)| value.as_str());
     let mut auth_file = None;
     for (section, key, value) in &entries {
         match section.as_str() {
@@ -323,8 +330,26 @@ pub fn import(ini: &Path, userlist: Option<&Path>) -> Result<Imported, String> {
                     continue;
                 }
                 let mut lines = Vec::new();
-                for (k, v) in conninfo(value) {
+                let pairs = conninfo(value);
+                if !pairs.iter().any(|(k, _)| k == "host") {
+                    match socket_dir {
+                        "" => unmapped.push(format!(
+                            "[databases] {key}: no host and unix_socket_dir is empty; Floodgate will use 127.0.0.1"
+                        )),
+                        dir if dir.starts_with('@') => unmapped.push(format!(
+                            "[databases] {key}: no host, and abstract-namespace sockets ({dir}) are not supported; Floodgate will use 127.0.0.1"
+                        )),
+                        dir => lines.push(format!("host = {}", quote(dir))),
+                    }
+                }
+                for (k, v) in pairs {
                     match k.as_str() {
+                        "host" if v.starts_with('@') => {
+                            unmapped.push(format!(
+                                "[databases] {key} host={v}: abstract-namespace Unix sockets are not supported; give the socket's directory"
+                            ));
+                            continue;
+                        }
                         "host" if v.contains(',') => unmapped.push(format!(
                             "[databases] {key} host={v}: one host per database (the first is used)"
                         )),

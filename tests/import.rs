@@ -93,6 +93,43 @@ fn a_pgbouncer_ini_becomes_an_equivalent_floodgate_toml() {
     assert!(stderr.contains("key-exchange groups"), "{stderr}");
 }
 
+/// As in PgBouncer, a database without `host` is reached over the Unix socket in
+/// `unix_socket_dir` (default /tmp); a host that is a directory stays one.
+#[test]
+fn databases_without_a_host_use_the_unix_socket_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ini = dir.path().join("pgbouncer.ini");
+    let databases = "[databases]\nlocal = dbname=app\nsocket = host=/var/run/postgresql port=5433\n\
+                     tcp = host=10.0.0.5\n";
+    std::fs::write(
+        &ini,
+        format!("[pgbouncer]\nlisten_port = 6432\n{databases}"),
+    )
+    .unwrap();
+    let config = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let toml = String::from_utf8_lossy(&out.stdout).to_string();
+        floodgate::config::Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+    };
+    let defaults = config(&import(&[&ini]));
+    assert_eq!(defaults.databases["local"].host, "/tmp");
+    assert_eq!(defaults.databases["socket"].host, "/var/run/postgresql");
+    assert_eq!(defaults.databases["socket"].port, 5433);
+    assert_eq!(defaults.databases["tcp"].host, "10.0.0.5");
+
+    let with_dir = "[pgbouncer]\nunix_socket_dir = /run/pg\n";
+    std::fs::write(&ini, format!("{with_dir}{databases}")).unwrap();
+    assert_eq!(config(&import(&[&ini])).databases["local"].host, "/run/pg");
+
+    // Unix sockets off: the database falls back to 127.0.0.1, and the import says so.
+    std::fs::write(&ini, format!("[pgbouncer]\nunix_socket_dir =\n{databases}")).unwrap();
+    let out = import(&[&ini]);
+    assert_eq!(config(&out).databases["local"].host, "127.0.0.1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[databases] local: no host"), "{stderr}");
+}
+
 #[test]
 fn an_unreadable_file_exits_non_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
