@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use common::*;
 use floodgate::pgcluster::HbaAuth;
@@ -285,35 +283,7 @@ async fn pipeline_of_500_statements_returns_every_result_in_order() {
 async fn cancel_request_through_proxy_stops_pg_sleep() {
     let env = env().await;
     let c = env.connect().await;
-    let token = c.cancel_token();
-    let client = &c.client;
-    let sleeping = async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            client.simple_query("SELECT pg_sleep(60)"),
-        )
-        .await
-    };
-    let canceller = async {
-        wait_until("pg_sleep running upstream", || async {
-            env.sql(
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-            )
-            .await
-                == "1"
-        })
-        .await;
-        within("cancel", token.cancel_query(tokio_postgres::NoTls)).await
-    };
-    let (slept, cancelled) = tokio::join!(sleeping, canceller);
-    cancelled.expect("sending the CancelRequest to the proxy");
-    let err = slept
-        .expect("the cancel did not stop pg_sleep(60) within 30 s")
-        .expect_err("pg_sleep was not cancelled");
-    assert_eq!(sqlstate(&err), "57014", "{err}");
-    assert_eq!(scalar(&c, "SELECT 'alive'").await, "alive");
+    cancel_a_running_pg_sleep(&c, &env.cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use floodgate::pgcluster::{HbaAuth, PgCluster};
@@ -104,36 +103,7 @@ async fn transactions_run_over_the_servers_unix_socket() {
 async fn a_cancel_reaches_a_server_over_its_unix_socket() {
     let env = UnixEnv::start(ProxyOpts::default()).await;
     let c = env.connect().await;
-    let token = c.cancel_token();
-    let client = &c.client;
-    let sleeping = async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            client.simple_query("SELECT pg_sleep(60)"),
-        )
-        .await
-    };
-    let canceller = async {
-        wait_until("pg_sleep running upstream", || async {
-            cluster_sql(
-                &env.cluster,
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
-            )
-            .await
-                == "1"
-        })
-        .await;
-        within("cancel", token.cancel_query(tokio_postgres::NoTls)).await
-    };
-    let (slept, cancelled) = tokio::join!(sleeping, canceller);
-    cancelled.expect("sending the CancelRequest to the proxy");
-    let err = slept
-        .expect("the cancel did not stop pg_sleep(60) within 30 s")
-        .expect_err("pg_sleep was not cancelled");
-    assert_eq!(sqlstate(&err), "57014", "{err}");
-    assert_eq!(scalar(&c, "SELECT 'alive'").await, "alive");
+    cancel_a_running_pg_sleep(&c, &env.cluster).await;
 }
 
 /// As in libpq, `server_tls_sslmode` does not apply to a Unix socket: `require` against a

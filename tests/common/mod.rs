@@ -237,6 +237,42 @@ impl Env {
     }
 }
 
+/// Runs `SELECT pg_sleep(60)` on `c`, cancels it with the client's cancel key (through the
+/// proxy) once PostgreSQL shows it running, and asserts it ended with 57014 within 30 s and the
+/// connection still answers.
+pub async fn cancel_a_running_pg_sleep(c: &Conn, cluster: &Arc<PgCluster>) {
+    let token = c.cancel_token();
+    let client = &c.client;
+    let sleeping = async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            client.simple_query("SELECT pg_sleep(60)"),
+        )
+        .await
+    };
+    let canceller = async {
+        wait_until("pg_sleep running upstream", || async {
+            cluster_sql(
+                cluster,
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+            )
+            .await
+                == "1"
+        })
+        .await;
+        within("cancel", token.cancel_query(tokio_postgres::NoTls)).await
+    };
+    let (slept, cancelled) = tokio::join!(sleeping, canceller);
+    cancelled.expect("sending the CancelRequest to the proxy");
+    let err = slept
+        .expect("the cancel did not stop pg_sleep(60) within 30 s")
+        .expect_err("pg_sleep was not cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err}");
+    assert_eq!(scalar(c, "SELECT 'alive'").await, "alive");
+}
+
 /// Runs SQL on `cluster` as superuser, panicking on failure.
 pub async fn cluster_sql(cluster: &Arc<PgCluster>, db: &str, sql: &str) -> String {
     let (cluster, db, sql) = (cluster.clone(), db.to_string(), sql.to_string());
