@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use floodgate::pgcluster::HbaAuth;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "t0ken-for-tests";
 
@@ -27,30 +26,6 @@ fn metrics_addr(env: &Env) -> SocketAddr {
     env.proxy
         .metrics_addr()
         .expect("[metrics] listen is served")
-}
-
-/// One HTTP/1.1 request (connection closed after it): (status, body).
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    within(&format!("{method} {path}"), async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_string());
-        (status, body)
-    })
-    .await
 }
 
 /// The value of sample `name` whose labels include all of `labels`.

@@ -148,3 +148,28 @@ async fn a_missing_socket_is_named_in_the_error() {
         "{message}"
     );
 }
+
+/// `/readyz` before any pool is open connects to the upstream itself: over the socket when
+/// `host` is a directory, and it says which database cannot be reached when there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_checks_the_unix_socket() {
+    let cluster = start_cluster(HbaAuth::ScramSha256, 100).await;
+    let metrics = "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let toml = unix_toml(&cluster, &ProxyOpts::default()) + metrics;
+    let proxy = start_proxy(&toml).await;
+    let addr = proxy.metrics_addr().expect("[metrics] listen is served");
+    let (status, body) = http(addr, "GET", "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    let missing = tempfile::tempdir().expect("temp dir");
+    let toml = toml.replace(
+        &format!("host = \"{}\"", cluster.socket_dir().display()),
+        &format!("host = \"{}\"", missing.path().display()),
+    );
+    let proxy = start_proxy(&toml).await;
+    let addr = proxy.metrics_addr().expect("[metrics] listen is served");
+    let (status, body) = http(addr, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database app"), "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+}

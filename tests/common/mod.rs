@@ -273,6 +273,35 @@ pub async fn cancel_a_running_pg_sleep(c: &Conn, cluster: &Arc<PgCluster>) {
     assert_eq!(scalar(c, "SELECT 'alive'").await, "alive");
 }
 
+/// One HTTP/1.1 request (connection closed after it): (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    within(&format!("{method} {path}"), async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string());
+        (status, body)
+    })
+    .await
+}
+
 /// Runs SQL on `cluster` as superuser, panicking on failure.
 pub async fn cluster_sql(cluster: &Arc<PgCluster>, db: &str, sql: &str) -> String {
     let (cluster, db, sql) = (cluster.clone(), db.to_string(), sql.to_string());
