@@ -752,6 +752,19 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_directory_is_a_host_and_abstract_sockets_are_refused() {
+        let parse = |host: &str| {
+            Config::from_toml_str(&format!("[databases.app]\nhost = \"{host}\"\n"))
+                .map_err(|e| e.to_string())
+        };
+        let c = parse("/var/run/postgresql").unwrap();
+        assert_eq!(c.databases["app"].host, "/var/run/postgresql");
+        let err = parse("@pg").unwrap_err();
+        assert!(err.contains("[databases.app] host"), "{err}");
+        assert!(err.contains("abstract-namespace"), "{err}");
+    }
+
+    #[test]
     fn instances_is_a_number_or_auto() {
         let parse = |v: &str| Config::from_toml_str(&format!("[floodgate]\ninstances = {v}\n"));
         assert_eq!(parse("3").unwrap().floodgate.instances, Instances::Count(3));

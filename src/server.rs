@@ -72,6 +72,7 @@ impl CancelTarget {
         }
     }
 
+    /// Writes the request and waits (bounded) for PostgreSQL to close the connection.
     async fn deliver<S: AsyncReadExt + AsyncWriteExt + Unpin>(
         mut stream: S,
         request: &[u8],

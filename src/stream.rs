@@ -114,47 +114,34 @@ impl Stream {
     /// without reading them (PostgreSQL sends no TLS housekeeping to an idle connection).
     pub fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let tcp = match self {
-            Stream::Unix(s) => return Self::unix_is_usable(s, &mut cx),
-            Stream::Plain(s) => s,
-            Stream::FromClient(t) => t.inner.get_ref().0,
-            Stream::ToServer(t) => t.inner.get_ref().0,
+        let readiness = match self {
+            Stream::Plain(s) => s.poll_read_ready(&mut cx),
+            Stream::Unix(s) => s.poll_read_ready(&mut cx),
+            Stream::FromClient(t) => t.inner.get_ref().0.poll_read_ready(&mut cx),
+            Stream::ToServer(t) => t.inner.get_ref().0.poll_read_ready(&mut cx),
         };
-        match tcp.poll_read_ready(&mut cx) {
+        match readiness {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                let mut buf = ReadBuf::new(&mut probe);
+                // Plain sockets: a read that would block means the readiness was stale.
+                let stale = |read: io::Result<usize>| matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
                 match self {
-                    Stream::Plain(s) => match s.try_read(&mut probe) {
-                        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-                        Ok(_) => false,
-                    },
-                    _ => match tcp.poll_peek(&mut cx, &mut buf) {
-                        Poll::Pending => true,
-                        Poll::Ready(Ok(_) | Err(_)) => false,
-                    },
+                    Stream::Plain(s) => stale(s.try_read(&mut probe)),
+                    Stream::Unix(s) => stale(s.try_read(&mut probe)),
+                    Stream::FromClient(t) => Self::nothing_to_peek(t.inner.get_ref().0, &mut cx),
+                    Stream::ToServer(t) => Self::nothing_to_peek(t.inner.get_ref().0, &mut cx),
                 }
             }
         }
     }
-}
 
-impl Stream {
-    /// [`Self::is_usable`] for a Unix socket: readable means closed or unasked-for bytes.
-    fn unix_is_usable(s: &UnixStream, cx: &mut Context<'_>) -> bool {
-        match s.poll_read_ready(cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                match s.try_read(&mut probe) {
-                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-                    Ok(_) => false,
-                }
-            }
-        }
+    /// Under TLS: true only when nothing is waiting on the socket.
+    fn nothing_to_peek(tcp: &TcpStream, cx: &mut Context<'_>) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        tcp.poll_peek(cx, &mut buf).is_pending()
     }
 }
 
